@@ -1,0 +1,904 @@
+"""
+What every Network of Theseus script shares, and nothing more.
+
+Network of Theseus (NoT) turns a trained (or untrained) *guide* network into a
+different *target* architecture one part at a time. At each stage some guide
+modules are swapped for new target modules; only those are trained, everything
+else frozen, so that the *hybrid*'s activation at each swapped place matches
+the guide's under linear CKA (loss = 1 - CKA). After the last stage the target
+is trained end to end on the task. The baseline, *naive replacement*, swaps in
+all target modules at once and trains them from scratch on the task alone, for
+the same number of gradient steps.
+
+Sections, in the order a script uses them:
+  config          --key=value overrides of a script's module-level defaults
+  distributed     torchrun / DDP setup with a single-process fallback
+  cka             linear CKA, and its global-batch version under DDP
+  capture/replace forward hooks by module name, early stop, module swapping
+  data            ImageNet folders, generated images, a resumable batch stream
+  training        optimizer, learning-rate schedule, evaluation helpers
+  schedule        the NoT loop (and the naive baseline), checkpoints, results
+"""
+import ast
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConfigError(SystemExit):
+    """Bad user input: exits with the message, before any long work starts."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def parse_config(defaults, argv, presets=None):
+    """Return a copy of `defaults` overridden by `--key=value` arguments.
+
+    Like nanoGPT's configurator, values are Python literals (`--lr=3e-4`,
+    `--resume=True`) or bare strings (`--guide=random`), and each must keep the
+    type of its default (an int is accepted where a float is expected).
+    `--preset=NAME` applies `presets[NAME]` first, so explicit flags win.
+    """
+    presets = presets or {}
+    pairs = []
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value")
+        key, text = arg[2:].split("=", 1)
+        if key not in defaults:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(defaults))}")
+        pairs.append((key, text))
+    config = dict(defaults)
+    for key, text in pairs:
+        if key == "preset":
+            if text not in presets:
+                raise ConfigError(f"unknown preset {text!r}; valid presets: {', '.join(sorted(presets))}")
+            config.update(presets[text])
+            config["preset"] = text
+    for key, text in pairs:
+        if key != "preset":
+            config[key] = _parse_value(key, text, defaults[key])
+    return config
+
+
+def _parse_value(key, text, default):
+    kind = type(default)
+    if kind is str:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"--{key}={text}: expected a {kind.__name__} like the default {default!r}")
+    return value
+
+
+# -----------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed(device="auto"):
+    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) or fall back to one process.
+
+    NCCL on CUDA, gloo on CPU. `device` is "auto" (CUDA when present), "cuda" or "cpu".
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA device is visible")
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device(device))
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return Dist(rank, local_rank, world, torch.device("cuda", local_rank))
+    dist.init_process_group("gloo")
+    return Dist(rank, local_rank, world, torch.device("cpu"))
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device, dtype):
+    """bf16 (or fp16) autocast on CUDA; plain float32 on CPU."""
+    if device.type != "cuda" or dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, dtype))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward returns this rank's slice of the summed gradient.
+
+    Every rank computes the same loss from the gathered batch, so the summed
+    gradient is world x the true one; averaging parameter gradients over ranks
+    (as DDP does) divides that factor out again.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.n = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.n
+        return grad[start:start + ctx.n]
+
+
+def gather_batch(x):
+    """The global batch of an activation (rows of all ranks, rank order), differentiable."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    if not x.requires_grad:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+    return _GatherWithGrad.apply(x)
+
+
+def average_gradients(params):
+    """Average .grad over ranks: DDP's job, done by hand where no DDP wrapper is used (alignment)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# -----------------------------------------------------------------------------
+# cka
+
+
+def cka(x, y, unbiased=False):
+    """Linear CKA (Kornblith et al. 2019) between two batches with the same first dimension n.
+
+    Each example is flattened. Returns a differentiable float32 scalar, computed
+    in float32 even under autocast. Two equivalent forms, the cheaper one used:
+    the n x n Gram matrices when examples are fewer than features (the usual
+    case for image feature maps), the d1 x d2 cross-covariance otherwise (tokens
+    as examples). The Gram matrices are centered in place of the activations,
+    and no d x d matrix is formed when d exceeds n.
+
+    With unbiased=True the HSIC terms use the debiased estimator of Song et al.
+    (2012), as in Nguyen et al. (2021); it needs n >= 4.
+
+    Constant (or zero) activations carry no information: CKA is then 0, with
+    finite gradients, never NaN.
+    """
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"cka: x has {n} examples but y has {y.shape[0]}")
+    if unbiased and n < 4:
+        raise ValueError(f"cka: the unbiased estimator needs at least 4 examples, got {n}")
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.reshape(n, -1).float()
+        y = y.reshape(n, -1).float()
+        d1, d2 = x.shape[1], y.shape[1]
+        # Gram form costs n^2 (d1 + d2) multiply-adds, feature form n (d1 d2 + d1^2 + d2^2).
+        if n * (d1 + d2) <= d1 * d1 + d1 * d2 + d2 * d2:
+            xy, xx, yy = _hsic_gram(x, y, unbiased)
+        else:
+            xy, xx, yy = _hsic_features(x, y, unbiased)
+        # A variance below float32 noise relative to the raw scale counts as constant.
+        tiny = torch.finfo(torch.float32).tiny
+        floor_x = (1e-6 * x.square().sum()).square().detach() + tiny
+        floor_y = (1e-6 * y.square().sum()).square().detach() + tiny
+        degenerate = (xx <= floor_x) | (yy <= floor_y)
+        value = xy / torch.sqrt(xx.clamp_min(floor_x) * yy.clamp_min(floor_y))
+        return torch.where(degenerate, torch.zeros_like(value), value)
+
+
+def _center_gram(k):
+    # H K H with H = I - 11^T/n, without forming H or centering the activations.
+    row = k.mean(dim=0, keepdim=True)
+    return k - row - row.T + row.mean()
+
+
+def _hsic_gram(x, y, unbiased):
+    k = _center_gram(x @ x.T)
+    l = _center_gram(y @ y.T)
+    if unbiased:
+        return _hsic_unbiased(k, l), _hsic_unbiased(k, k), _hsic_unbiased(l, l)
+    # Biased HSIC up to a constant factor that cancels in CKA.
+    return (k * l).sum(), (k * k).sum(), (l * l).sum()
+
+
+def _hsic_unbiased(k, l):
+    # Song et al. 2012, eq. 5, on Gram matrices with zeroed diagonals. The
+    # estimator is unchanged by centering the activations, which keeps float32 accurate.
+    n = k.shape[0]
+    k = k - torch.diag_embed(torch.diagonal(k))
+    l = l - torch.diag_embed(torch.diagonal(l))
+    kl = (k * l).sum()
+    k1, l1 = k.sum(dim=1), l.sum(dim=1)
+    return (kl + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2 * (k1 @ l1) / (n - 2)) / (n * (n - 3))
+
+
+def _hsic_features(x, y, unbiased):
+    x = x - x.mean(dim=0, keepdim=True)
+    y = y - y.mean(dim=0, keepdim=True)
+    if not unbiased:
+        # ||X^T Y||_F^2 = <XX^T, YY^T>: the same numbers as the Gram form.
+        return (x.T @ y).square().sum(), (x.T @ x).square().sum(), (y.T @ y).square().sum()
+    n = x.shape[0]
+    dx, dy = x.square().sum(dim=1), y.square().sum(dim=1)  # diagonals of the Gram matrices
+    sx, sy = x.sum(dim=0), y.sum(dim=0)
+
+    def hsic(a, b, da, db, sa, sb):
+        ab = (a.T @ b).square().sum() - (da * db).sum()  # <K~, L~> with zeroed diagonals
+        ka = a @ sa - da  # K~ 1
+        lb = b @ sb - db  # L~ 1
+        return (ab + ka.sum() * lb.sum() / ((n - 1) * (n - 2)) - 2 * (ka @ lb) / (n - 2)) / (n * (n - 3))
+
+    return hsic(x, y, dx, dy, sx, sy), hsic(x, x, dx, dx, sx, sx), hsic(y, y, dy, dy, sy, sy)
+
+
+def global_cka(x, y, unbiased=False, scope="global"):
+    """CKA on the global batch under DDP (scope="global"), or on this process's slice ("local").
+
+    CKA is a batch statistic, so the per-process value of a slice is a
+    different, noisier quantity; the global one makes N processes behave
+    exactly like one process with the whole batch. It costs an all_gather of
+    the activations; where they are too large to gather, "local" skips it.
+    """
+    if scope == "global":
+        x, y = gather_batch(x), gather_batch(y)
+    return cka(x, y, unbiased)
+
+
+# -----------------------------------------------------------------------------
+# capture / replace
+
+
+class _StopForward(Exception):
+    pass
+
+
+def forward_until(model, x, names):
+    """Run `model(x)` and return the outputs of the named submodules, in the order of `names`.
+
+    The forward pass stops right after the last of them has run: layers nobody
+    reads (the rest of the network, the classifier, the logits) cost nothing.
+    Each named module is expected to run once per forward pass.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"no submodule named {missing} in {type(model).__name__}")
+    outputs = {}
+
+    def hook(name):
+        def save(module, inputs, output):
+            outputs.setdefault(name, output)
+            if len(outputs) == len(names):
+                raise _StopForward
+
+        return save
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in set(names)]
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    not_run = [n for n in names if n not in outputs]
+    if not_run:
+        raise RuntimeError(f"submodules {not_run} did not run in the forward pass")
+    return [outputs[n] for n in names]
+
+
+def get_module(model, name):
+    module = model
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def set_module(model, name, new):
+    """Put `new` where the dotted name points (`layer1.0.conv1`) and return what was there."""
+    parent_name, _, child = name.rpartition(".")
+    parent = get_module(model, parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def io_shapes(model, x, names):
+    """Input and output shapes (without the batch dimension) of the named submodules for input x."""
+    shapes = {}
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def save(module, inputs, output):
+            shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
+
+        return save
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def replace(model, name, new, in_shape, out_shape):
+    """Swap the submodule at `name` for `new` after checking that `new` maps the old input shape to the old output shape."""
+    param = next(new.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    with torch.no_grad():
+        got = tuple(new(torch.zeros(2, *in_shape, device=device)).shape[1:])
+    if got != tuple(out_shape):
+        raise ValueError(f"replacement for {name!r} maps input {tuple(in_shape)} to {got}, "
+                         f"but the module it replaces returns {tuple(out_shape)}")
+    return set_module(model, name, new)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_image_folders(data_dir):
+    """Stop with a clear message unless data_dir holds train/ and val/ with the same non-empty class folders."""
+    if not os.path.isdir(data_dir):
+        raise ConfigError(f"data_dir {data_dir!r} is not a folder (expected train/ and val/ inside)")
+    classes = {}
+    for split in ("train", "val"):
+        root = os.path.join(data_dir, split)
+        if not os.path.isdir(root):
+            raise ConfigError(f"{root!r} is missing: data_dir must hold train/ and val/, one folder per class")
+        names = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not names:
+            raise ConfigError(f"{root!r} holds no class folders")
+        empty = [c for c in names if not any(os.scandir(os.path.join(root, c)))]
+        if empty:
+            raise ConfigError(f"class folders without images in {root!r}: {empty[:5]}")
+        classes[split] = names
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        raise ConfigError(f"train/ and val/ class folders differ in {data_dir!r}: only in train {only_train[:5]}, "
+                          f"only in val {only_val[:5]}")
+    return classes["train"]
+
+
+def image_folders(data_dir, image_size=224):
+    """ImageNet-style train and val datasets: RandomResizedCrop + flip for training, Resize + CenterCrop for evaluation.
+
+    Evaluation resizes to image_size * 256 / 224 (256 for 224) and crops the center, as torchvision's references do.
+    """
+    from torchvision import datasets, transforms
+
+    check_image_folders(data_dir)
+    resize_size = round(image_size * 256 / 224)
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    val_tf = transforms.Compose([transforms.Resize(resize_size), transforms.CenterCrop(image_size),
+                                 transforms.ToTensor(), normalize])
+    return (datasets.ImageFolder(os.path.join(data_dir, "train"), train_tf),
+            datasets.ImageFolder(os.path.join(data_dir, "val"), val_tf))
+
+
+def synthetic_images(num_train, num_val, num_classes, image_size, seed=0):
+    """Learnable generated images for offline runs: a fixed smooth pattern per class plus noise.
+
+    The patterns are random low-resolution images upsampled, so a CNN and an
+    MLP can both learn them, while the noise keeps the task from being trivial.
+    """
+    g = torch.Generator().manual_seed(seed)
+    patterns = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear",
+                             align_corners=False)
+
+    def make(n):
+        labels = torch.randint(num_classes, (n,), generator=g)
+        images = patterns[labels] + 1.5 * torch.randn(n, 3, image_size, image_size, generator=g)
+        return torch.utils.data.TensorDataset(images, labels)
+
+    return make(num_train), make(num_val)
+
+
+class Batches:
+    """An endless stream of training batches whose position is saved in checkpoints.
+
+    Each epoch is one pass of a DistributedSampler (this rank's share of a
+    seeded shuffle, the same on every restart); the stream records the epoch
+    and the batch index within it, so a resumed run sees the same data order
+    as one that never stopped. Random augmentations are re-seeded on resume
+    and so are not bitwise identical to an uninterrupted run.
+    """
+
+    def __init__(self, dataset, batch_size, seed, rank=0, world=1, workers=0, pin_memory=False):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world, self.workers, self.pin_memory = rank, world, workers, pin_memory
+        self.epoch, self.index, self._iter = 0, 0, None
+        if len(dataset) < batch_size * world:
+            raise ConfigError(f"the training set has {len(dataset)} examples, fewer than one global batch "
+                              f"({batch_size} x {world} processes)")
+
+    def __len__(self):
+        """Batches per epoch."""
+        return len(self.dataset) // (self.batch_size * self.world)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iter is None:
+            sampler = torch.utils.data.DistributedSampler(self.dataset, self.world, self.rank, shuffle=True,
+                                                          seed=self.seed, drop_last=True)
+            sampler.set_epoch(self.epoch)
+            indices = list(sampler)[self.index * self.batch_size:len(self) * self.batch_size]
+            loader = torch.utils.data.DataLoader(self.dataset, self.batch_size, sampler=indices, drop_last=True,
+                                                 num_workers=self.workers, pin_memory=self.pin_memory,
+                                                 persistent_workers=False)
+            self._iter = iter(loader)
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self.epoch, self.index, self._iter = self.epoch + 1, 0, None
+            return next(self)
+        self.index += 1
+        return batch
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state):
+        self.epoch, self.index, self._iter = state["epoch"], state["index"], None
+
+
+def eval_loader(dataset, batch_size, rank=0, world=1, workers=0, pin_memory=False):
+    """This rank's share of an evaluation set: every example once over all ranks, none padded or repeated."""
+    subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    return torch.utils.data.DataLoader(subset, batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=pin_memory)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, loader, device, dtype="float32", max_batches=0):
+    """Top-1 accuracy in percent, summed over all ranks (each example counted once)."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, (images, labels) in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(images)
+        counts[0] += (logits.argmax(dim=1) == labels).sum()
+        counts[1] += labels.numel()
+    model.train(was_training)
+    all_reduce_sum(counts)
+    return 100.0 * counts[0].item() / max(counts[1].item(), 1)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def make_optimizer(params, kind, lr, weight_decay, device):
+    """AdamW or SGD with momentum; weight decay on matrices and kernels only, not on biases and norms."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    raise ConfigError(f"optimizer {kind!r} is not one of adamw, sgd")
+
+
+def lr_at(step, steps, peak, warmup):
+    """Linear warmup for `warmup` steps, then cosine decay to zero at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def write_json(path, obj):
+    """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """torch.load a file we wrote, with a clear message when it is missing or not a checkpoint."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path!r} could not be read ({type(e).__name__}: {e}); "
+                          f"is it a truncated or foreign file?") from None
+
+
+# -----------------------------------------------------------------------------
+# schedule
+
+
+@dataclass
+class Stage:
+    """One NoT stage: which guide modules it replaces, and how to build their target modules.
+
+    `make(name, guide_module, in_shape, out_shape)` returns the new module;
+    shapes exclude the batch dimension.
+    """
+    names: list
+    make: Callable
+    align_steps: int
+    align_lr: float
+    finetune_steps: int
+    finetune_lr: float
+
+
+@dataclass
+class Task:
+    """What a script tells the schedule about its task.
+
+    loss(model, batch): the task loss of a training batch (the model may be DDP-wrapped).
+    inputs(batch): the model input of a batch, fed to guide and hybrid during alignment.
+    evaluate(model): the task metric on the validation set, all ranks together.
+    metric: its name, e.g. "top1" or "val_ppl".
+    """
+    loss: Callable
+    inputs: Callable
+    evaluate: Callable
+    metric: str
+
+
+def total_grad_steps(stages, train_steps):
+    """Gradient steps of a NoT run: every stage's alignment and task fine-tuning, then the final training.
+
+    The naive baseline trains for exactly this many steps.
+    """
+    return sum(s.align_steps + s.finetune_steps for s in stages) + train_steps
+
+
+def plan_phases(method, stages, train_steps):
+    """The run as a list of (kind, stage index or None, steps).
+
+    kinds: "align" (CKA, new modules only), "finetune" (task loss, whole
+    hybrid, then the per-stage evaluation), "train" (task loss, whole model).
+    """
+    if method == "naive":
+        return [("train", None, total_grad_steps(stages, train_steps))]
+    phases = []
+    for i, stage in enumerate(stages):
+        phases += [("align", i, stage.align_steps), ("finetune", i, stage.finetune_steps)]
+    return phases + [("train", None, train_steps)]
+
+
+def swap_in(hybrid, guide, stage, example):
+    """Replace the stage's modules in the hybrid by freshly built target modules (shapes probed on the guide)."""
+    shapes = io_shapes(guide, example, stage.names)
+    for name in stage.names:
+        new = stage.make(name, get_module(guide, name), *shapes[name]).to(example.device)
+        replace(hybrid, name, new, *shapes[name])
+
+
+# Settings a resumed run may change: they do not alter what the run computes.
+RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "workers"}
+
+
+def prepare_out_dir(cfg, ctx):
+    """Check out_dir against --resume before any work, then create it (rank 0)."""
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["resume"] and not os.path.isfile(ckpt_path):
+        raise ConfigError(f"--resume=True but there is no checkpoint at {ckpt_path!r}")
+    if not cfg["resume"] and os.path.exists(ckpt_path):
+        raise ConfigError(f"{cfg['out_dir']!r} already holds a run (ckpt.pt); pass --resume=True to continue it, "
+                          f"or choose another --out_dir")
+    if ctx.master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+
+
+def convert(guide, stages, task, batches, example, cfg, ctx, train_steps, log=print):
+    """Run NoT (cfg["method"] == "not") or the naive baseline ("naive"); return (target, results).
+
+    `example` is a small input batch used to probe module shapes. cfg keys
+    used: method, out_dir, resume, eval_guide, optimizer, lr, weight_decay,
+    warmup_steps, grad_clip, cka_scope, cka_unbiased, dtype, log_interval,
+    eval_interval, ckpt_interval. Rank 0 keeps the checkpoint in
+    out_dir/ckpt.pt and the results in out_dir/results.json.
+
+    Alignment (per stage): the hybrid runs in eval mode (frozen BatchNorm keeps
+    the guide's statistics), only the new modules train, and the loss is the
+    mean over replaced modules of 1 - CKA between the hybrid's output there
+    (fed by the hybrid's own upstream layers) and the guide's. Both forward
+    passes stop after the deepest replaced module; the guide's runs once per
+    batch without autograd. Fine-tuning and final training update every
+    parameter on the task loss, under DDP when several processes run.
+    """
+    method = cfg["method"]
+    phases = plan_phases(method, stages, train_steps)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    example = example[:2].to(ctx.device)
+    guide.eval().requires_grad_(False)
+    hybrid = copy.deepcopy(guide)
+    # Where the run is; saved whole in every checkpoint. `applied`: stages swapped into the hybrid.
+    state = {"phase": 0, "step": 0, "applied": 0, "grad_steps": 0, "records": [], "recent_cka": [],
+             "guide_metric": None}
+    optimizer_state = None
+    if cfg["resume"]:
+        ckpt = load_checkpoint(ckpt_path)
+        changed = {k for k in cfg if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != cfg[k]}
+        if changed:
+            raise ConfigError(f"--resume with settings that differ from the checkpoint's: "
+                              + ", ".join(f"{k} (was {ckpt['config'].get(k)!r}, now {cfg[k]!r})" for k in sorted(changed)))
+        state = ckpt["state"]
+        for stage in stages[:state["applied"]]:
+            swap_in(hybrid, guide, stage, example)
+        hybrid.load_state_dict(ckpt["model"])
+        batches.load_state_dict(ckpt["batches"])
+        _set_rng_state(ckpt["rng"][ctx.rank])
+        optimizer_state = ckpt["optimizer"]
+        log(f"resumed from {ckpt_path} at phase {state['phase']} step {state['step']}")
+    elif cfg["eval_guide"]:
+        state["guide_metric"] = task.evaluate(guide)
+        log(f"guide {task.metric} {state['guide_metric']:.4f}")
+
+    for p in range(state["phase"], len(phases)):
+        kind, si, steps = phases[p]
+        wanted = len(stages) if si is None else si + 1
+        while state["applied"] < wanted:
+            swap_in(hybrid, guide, stages[state["applied"]], example)
+            state["applied"] += 1
+        if kind == "align":
+            _align_phase(guide, hybrid, si, stages[si], task, batches, cfg, ctx, state, optimizer_state,
+                         ckpt_path, log)
+        else:
+            peak = stages[si].finetune_lr if kind == "finetune" else cfg["lr"]
+            warmup = cfg["warmup_steps"] if kind == "train" else steps // 10
+            label = f"stage {si + 1} finetune" if kind == "finetune" else "train"
+            _task_phase(hybrid, label, steps, peak, warmup, kind == "train", task, batches, cfg, ctx, state,
+                        optimizer_state, ckpt_path, log)
+        optimizer_state = None
+        if kind == "finetune":
+            record = state["records"][si]
+            record["finetune_steps"] = steps
+            record[task.metric] = task.evaluate(hybrid)
+            log(f"stage {si + 1}/{len(stages)} done | {task.metric} {record[task.metric]:.4f} | "
+                f"cka {_fmt_cka(record['cka'])}")
+        state["phase"], state["step"] = p + 1, 0
+        _save(ckpt_path, hybrid, None, batches, cfg, ctx, state)
+        write_results(cfg, state, task, None, "running", ctx)
+
+    final = task.evaluate(hybrid)
+    log(f"final {task.metric} {final:.4f} after {state['grad_steps']} gradient steps")
+    return hybrid, write_results(cfg, state, task, final, "done", ctx)
+
+
+def _fmt_cka(values):
+    return " ".join(f"{k} {v:.4f}" for k, v in values.items())
+
+
+def _align_phase(guide, hybrid, si, stage, task, batches, cfg, ctx, state, optimizer_state, ckpt_path, log):
+    names = stage.names
+    hybrid.eval().requires_grad_(False)
+    params = []
+    for name in names:
+        module = get_module(hybrid, name).train().requires_grad_(True)
+        params += list(module.parameters())
+    opt = make_optimizer(params, "adamw", stage.align_lr, 0.0, ctx.device)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    if state["step"] == 0:
+        state["records"].append({"stage": si + 1, "replaced": list(names), "align_steps": stage.align_steps,
+                                 "cka": {}})
+    recent = state["recent_cka"]
+    t0 = time.time()
+    for step in range(state["step"], stage.align_steps):
+        lr = lr_at(step, stage.align_steps, stage.align_lr, stage.align_steps // 10)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = task.inputs(next(batches)).to(ctx.device, non_blocking=True)
+        values = align_step(guide, hybrid, names, x, opt, params, cfg, ctx.device)
+        state["grad_steps"] += 1
+        recent[:] = (recent + [values])[-10:]
+        if (step + 1) % cfg["log_interval"] == 0 or step + 1 == stage.align_steps:
+            dt = (time.time() - t0) / cfg["log_interval"]
+            t0 = time.time()
+            log(f"stage {si + 1} align step {step + 1}/{stage.align_steps} | loss {1 - sum(values) / len(values):.4f}"
+                f" | cka {_fmt_cka(dict(zip(names, values)))} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | "
+                f"{x.shape[0] * ctx.world / dt:.0f} samples/s")
+        _maybe_save(step, stage.align_steps, ckpt_path, hybrid, opt, batches, cfg, ctx, state)
+    # A stage's final CKA: the mean over its last (up to) 10 alignment steps.
+    if recent:
+        state["records"][si]["cka"] = {n: sum(v[i] for v in recent) / len(recent) for i, n in enumerate(names)}
+    recent.clear()
+
+
+def align_step(guide, hybrid, names, x, opt, params, cfg, device):
+    """One alignment step on input x; returns the CKA at each replaced module (floats)."""
+    with torch.no_grad(), autocast(device, cfg["dtype"]):
+        targets = forward_until(guide, x, names)
+    with autocast(device, cfg["dtype"]):
+        outputs = forward_until(hybrid, x, names)
+    values = [global_cka(h, g, cfg["cka_unbiased"], cfg["cka_scope"]) for h, g in zip(outputs, targets)]
+    loss = 1.0 - torch.stack(values).mean()
+    loss.backward()
+    average_gradients(params)
+    if cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return [v.item() for v in values]
+
+
+def _task_phase(hybrid, label, steps, peak_lr, warmup, is_final, task, batches, cfg, ctx, state, optimizer_state,
+                ckpt_path, log):
+    hybrid.train().requires_grad_(True)
+    model = hybrid
+    if ctx.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            hybrid, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    opt = make_optimizer(hybrid.parameters(), cfg["optimizer"], peak_lr, cfg["weight_decay"], ctx.device)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    t0 = time.time()
+    for step in range(state["step"], steps):
+        lr = lr_at(step, steps, peak_lr, warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = next(batches)
+        with autocast(ctx.device, cfg["dtype"]):
+            loss = task.loss(model, batch)
+        loss.backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(hybrid.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["grad_steps"] += 1
+        if (step + 1) % cfg["log_interval"] == 0 or step + 1 == steps:
+            dt = (time.time() - t0) / cfg["log_interval"]
+            t0 = time.time()
+            n = task.inputs(batch).shape[0] * ctx.world
+            log(f"{label} step {step + 1}/{steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                f"{dt * 1000:.1f} ms/step | {n / dt:.0f} samples/s")
+        _maybe_save(step, steps, ckpt_path, hybrid, opt, batches, cfg, ctx, state)
+        if is_final and cfg["eval_interval"] and (step + 1) % cfg["eval_interval"] == 0 and step + 1 < steps:
+            log(f"{label} step {step + 1}/{steps} | {task.metric} {task.evaluate(hybrid):.4f}")
+
+
+def _maybe_save(step, steps, path, hybrid, opt, batches, cfg, ctx, state):
+    # Phase ends are saved by the schedule itself; mid-phase every ckpt_interval steps.
+    if (step + 1) % cfg["ckpt_interval"] == 0 and step + 1 < steps:
+        state["step"] = step + 1
+        _save(path, hybrid, opt, batches, cfg, ctx, state)
+
+
+def _rng_state():
+    # Plain tensors and tuples only, so that checkpoints load with weights_only=True.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _save(path, hybrid, opt, batches, cfg, ctx, state):
+    """The one checkpoint dict: where the run is, the hybrid, the phase's optimizer, the data position, every rank's RNG."""
+    rngs = [None] * ctx.world
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, _rng_state())
+    else:
+        rngs = [_rng_state()]
+    if ctx.master:
+        save_atomic({"config": cfg, "state": state, "model": hybrid.state_dict(),
+                     "optimizer": opt.state_dict() if opt is not None else None,
+                     "batches": batches.state_dict(), "rng": rngs}, path)
+
+
+def write_results(cfg, state, task, final, status, ctx):
+    """results.json: config, per-stage records, the final metric and the gradient-step count."""
+    results = {"status": status, "config": cfg, "guide_metric": state["guide_metric"], "stages": state["records"],
+               "metric": {"name": task.metric, "value": final}, "grad_steps": state["grad_steps"]}
+    if ctx.master:
+        write_json(os.path.join(cfg["out_dir"], "results.json"), results)
+    return results
