@@ -501,9 +501,12 @@ class Batches:
                                                           seed=self.seed, drop_last=True)
             sampler.set_epoch(self.epoch)
             indices = list(sampler)[self.index * self.batch_size:len(self) * self.batch_size]
+            # A generator of its own: starting an iterator draws a seed for the workers, which must not move
+            # the global RNG (the new modules' initialization depends on it).
+            generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
             loader = torch.utils.data.DataLoader(self.dataset, self.batch_size, sampler=indices, drop_last=True,
                                                  num_workers=self.workers, pin_memory=self.pin_memory,
-                                                 persistent_workers=False)
+                                                 generator=generator)
             self._iter = iter(loader)
         try:
             batch = next(self._iter)
@@ -676,16 +679,14 @@ def swap_in(hybrid, guide, stage, example):
 RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "workers"}
 
 
-def prepare_out_dir(cfg, ctx):
-    """Check out_dir against --resume before any work, then create it (rank 0)."""
+def check_out_dir(cfg):
+    """Before any work: --resume needs a checkpoint, and a new run must not overwrite another."""
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if cfg["resume"] and not os.path.isfile(ckpt_path):
         raise ConfigError(f"--resume=True but there is no checkpoint at {ckpt_path!r}")
     if not cfg["resume"] and os.path.exists(ckpt_path):
         raise ConfigError(f"{cfg['out_dir']!r} already holds a run (ckpt.pt); pass --resume=True to continue it, "
                           f"or choose another --out_dir")
-    if ctx.master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
 
 
 def convert(guide, stages, task, batches, example, cfg, ctx, train_steps, log=print):
@@ -729,9 +730,12 @@ def convert(guide, stages, task, batches, example, cfg, ctx, train_steps, log=pr
         _set_rng_state(ckpt["rng"][ctx.rank])
         optimizer_state = ckpt["optimizer"]
         log(f"resumed from {ckpt_path} at phase {state['phase']} step {state['step']}")
-    elif cfg["eval_guide"]:
-        state["guide_metric"] = task.evaluate(guide)
-        log(f"guide {task.metric} {state['guide_metric']:.4f}")
+    else:
+        if ctx.master:
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+        if cfg["eval_guide"]:
+            state["guide_metric"] = task.evaluate(guide)
+            log(f"guide {task.metric} {state['guide_metric']:.4f}")
 
     for p in range(state["phase"], len(phases)):
         kind, si, steps = phases[p]
@@ -864,22 +868,23 @@ def _maybe_save(step, steps, path, hybrid, opt, batches, cfg, ctx, state):
 
 
 def _rng_state():
-    # Plain tensors and tuples only, so that checkpoints load with weights_only=True.
+    # Python values only (bytes for tensors and arrays): they travel through all_gather_object and
+    # load back with torch.load(weights_only=True).
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
-             "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": (kind, keys.tobytes(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state().numpy().tobytes()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes()
     return state
 
 
 def _set_rng_state(state):
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
     if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(state["cuda"]), dtype=torch.uint8))
 
 
 def _save(path, hybrid, opt, batches, cfg, ctx, state):

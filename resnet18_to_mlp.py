@@ -193,6 +193,7 @@ def check_config(cfg):
 def main(argv):
     cfg = common.parse_config(config, argv, PRESETS)
     check_config(cfg)
+    common.check_out_dir(cfg)
     ctx = common.setup_distributed(cfg["device"])
     if cfg["batch_size"] % ctx.world:
         raise common.ConfigError(f"--batch_size={cfg['batch_size']} is not divisible by {ctx.world} processes")
@@ -226,7 +227,6 @@ def main(argv):
         common.cleanup_distributed()
         return
 
-    common.prepare_out_dir(cfg, ctx)
     # Rank 0 alone downloads the pretrained weights; the others then read its cached copy.
     if not ctx.master:
         common.barrier()

@@ -1,0 +1,229 @@
+"""resnet18_to_mlp.py end to end on generated images, on CPU, through its command line."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import common
+import resnet18_to_mlp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "resnet18_to_mlp.py")
+# The tiny preset with fewer steps: 20 stages x (4 + 2) steps, then one epoch of 32 steps.
+FAST = ["--preset=tiny", "--device=cpu", "--align_steps=4", "--finetune_steps=2", "--epochs=1"]
+STEPS_PER_EPOCH = 1024 // 32
+
+
+def run(args, cwd, launcher=(sys.executable,), check=True):
+    proc = subprocess.run([*launcher, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def results(out_dir):
+    with open(os.path.join(out_dir, "results.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One NoT run in each order and one naive run, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, extra in [("forward", []), ("reverse", ["--order=reverse"]), ("naive", ["--method=naive"])]:
+        proc = run([*FAST, f"--out_dir={tmp / name}", *extra], cwd=tmp)
+        out[name] = (str(tmp / name), proc.stdout)
+    return out
+
+
+def test_not_forward_records_every_stage(runs):
+    out_dir, log = runs["forward"]
+    res = results(out_dir)
+    names = resnet18_to_mlp.conv_names(torchvision.models.resnet18())
+    assert res["status"] == "done"
+    assert [s["replaced"] for s in res["stages"]] == [[n] for n in names]
+    for stage in res["stages"]:
+        assert (stage["align_steps"], stage["finetune_steps"]) == (4, 2)
+        assert set(stage["cka"]) == set(stage["replaced"]) and all(-1 <= v <= 1 for v in stage["cka"].values())
+        assert 0 <= stage["top1"] <= 100
+    assert res["metric"]["name"] == "top1"
+    assert res["metric"]["value"] > 30  # chance is 10% on the 10 generated classes
+    assert res["grad_steps"] == 20 * (4 + 2) + STEPS_PER_EPOCH
+    assert res["config"]["method"] == "not" and res["config"]["seed"] == 0
+    assert "stage 20/20 done" in log and f"train step {STEPS_PER_EPOCH}/{STEPS_PER_EPOCH}" in log
+
+
+def test_not_reverse_replaces_last_first(runs):
+    res = results(runs["reverse"][0])
+    names = resnet18_to_mlp.conv_names(torchvision.models.resnet18())
+    assert [s["replaced"][0] for s in res["stages"]] == names[::-1]
+    assert res["metric"]["value"] > 30
+
+
+def test_naive_takes_as_many_gradient_steps_as_not(runs):
+    not_res, (naive_dir, naive_log) = results(runs["forward"][0]), runs["naive"]
+    naive_res = results(naive_dir)
+    total = not_res["grad_steps"]
+    assert naive_res["grad_steps"] == total
+    # The loop itself logged that many task steps in one phase, and no alignment at all.
+    assert f"train step {total}/{total}" in naive_log and "align" not in naive_log
+    assert naive_res["stages"] == [] and naive_res["metric"]["value"] > 30
+
+
+def test_target_has_no_convolution_and_reproduces_its_accuracy(runs):
+    out_dir, _ = runs["forward"]
+    target = resnet18_to_mlp.load_target(os.path.join(out_dir, "target.pt"))
+    assert not any(isinstance(m, nn.Conv2d) for m in target.modules())
+    assert sum(isinstance(m, resnet18_to_mlp.LowRankLinear) for m in target.modules()) == 20
+    # Recompute the accuracy from scratch on the same generated validation set.
+    _, val = common.synthetic_images(1024, 256, 10, 32, seed=0)
+    images, labels = val.tensors
+    with torch.no_grad():
+        top1 = 100.0 * (target(images).argmax(1) == labels).float().mean().item()
+    assert top1 == pytest.approx(results(out_dir)["metric"]["value"], abs=1e-6)
+
+
+def test_torchrun_two_processes(tmp_path, runs):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}"], cwd=tmp_path, launcher=launcher)
+    res = results(tmp_path / "ddp")
+    # Two processes of 16 images make the same global batch of 32: one epoch is the same 32 steps.
+    assert res["grad_steps"] == results(runs["forward"][0])["grad_steps"]
+    assert res["status"] == "done" and res["metric"]["value"] > 30
+    assert proc.stdout.count("final top1") == 1  # rank 0 alone logs
+    assert len(resnet18_to_mlp.load_target(str(tmp_path / "ddp" / "target.pt")).state_dict()) > 0
+
+
+def test_resume_after_kill_gives_the_same_weights(tmp_path, runs):
+    out_dir = tmp_path / "killed"
+    args = [*FAST, f"--out_dir={out_dir}", "--ckpt_interval=3"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # Kill it in the middle of the schedule, once a few stages are done.
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if len(results(out_dir)["stages"]) >= 4:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out_dir / "target.pt")
+    run([*args, "--resume=True"], cwd=tmp_path)
+    resumed = torch.load(out_dir / "target.pt")["model"]
+    reference = torch.load(os.path.join(runs["forward"][0], "target.pt"))["model"]
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    assert results(out_dir)["grad_steps"] == results(runs["forward"][0])["grad_steps"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data_dir=does/not/exist"], "data_dir 'does/not/exist' is not a folder"),
+    (["--rnak=3"], "unknown config key 'rnak'; valid keys:"),
+    (["--rank=big"], "--rank=big: expected a int"),
+    (["--order=sideways"], "--order=sideways: expected one of forward, reverse"),
+    (["--guide=corrupt.pt"], "checkpoint 'corrupt.pt' could not be read"),
+    (["--guide=missing.pt"], "checkpoint 'missing.pt' does not exist"),
+    (["--resume=True"], "no checkpoint at"),
+])
+def test_bad_input_stops_with_a_message_and_writes_nothing(tmp_path, args, message):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    proc = run([*FAST, "--out_dir=out", *args], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_run_checkpoint_on_resume(tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "ckpt.pt").write_bytes(b"\x80\x02truncated")
+    proc = run([*FAST, f"--out_dir={out_dir}", "--resume=True"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "could not be read" in proc.stderr and "ckpt.pt" in proc.stderr
+    assert sorted(os.listdir(out_dir)) == ["ckpt.pt"]
+    # A finished or running run is never overwritten without --resume.
+    proc = run([*FAST, f"--out_dir={out_dir}"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr
+
+
+def test_pretrained_guide_offline_says_what_to_download(monkeypatch, tmp_path):
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as err:
+        resnet18_to_mlp.load_guide("pretrained")
+    message = str(err.value.code)
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert os.path.join(str(tmp_path), "hub", "checkpoints", "resnet18-f37072fd.pth") in message
+
+
+def test_guide_from_a_path(tmp_path):
+    torch.manual_seed(3)
+    model = torchvision.models.resnet18(num_classes=7)
+    torch.save(model.state_dict(), tmp_path / "guide.pt")
+    guide = resnet18_to_mlp.load_guide(str(tmp_path / "guide.pt"))
+    assert not guide.training and guide.fc.out_features == 7
+    for key, value in model.state_dict().items():
+        assert torch.equal(guide.state_dict()[key], value)
+    state = model.state_dict()
+    del state["layer1.0.conv1.weight"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(SystemExit, match="layer1.0.conv1.weight"):
+        resnet18_to_mlp.load_guide(str(tmp_path / "broken.pt"))
+
+
+def make_image_folder(root, classes, per_class=4, size=40):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for i, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for j in range(per_class):
+                pixels = (torch.rand(size, size, 3, generator=g) * 60 + 80 * i).clamp(0, 255).byte().numpy()
+                Image.fromarray(pixels).save(folder / f"{j}.png")
+
+
+def test_image_folder_checks(tmp_path):
+    make_image_folder(tmp_path / "ok", ["a", "b"])
+    assert common.check_image_folders(str(tmp_path / "ok")) == ["a", "b"]
+    train, val = common.image_folders(str(tmp_path / "ok"), image_size=32)
+    assert train[0][0].shape == (3, 32, 32) and len(val) == 8
+    make_image_folder(tmp_path / "mismatch", ["a", "b"])
+    os.rename(tmp_path / "mismatch" / "val" / "b", tmp_path / "mismatch" / "val" / "c")
+    with pytest.raises(SystemExit, match=r"only in train \['b'\], only in val \['c'\]"):
+        common.check_image_folders(str(tmp_path / "mismatch"))
+    make_image_folder(tmp_path / "empty", ["a"])
+    (tmp_path / "empty" / "train" / "z").mkdir()
+    with pytest.raises(SystemExit, match=r"without images.*\['z'\]"):
+        common.check_image_folders(str(tmp_path / "empty"))
+    make_image_folder(tmp_path / "noval", ["a"])
+    shutil.rmtree(tmp_path / "noval" / "val")
+    with pytest.raises(SystemExit, match="val' is missing"):
+        common.check_image_folders(str(tmp_path / "noval"))
+
+
+def test_run_on_an_image_folder(tmp_path):
+    make_image_folder(tmp_path / "data", ["a", "b"], per_class=8)
+    run([*FAST, "--data_dir=data", "--batch_size=4", "--align_steps=1", "--finetune_steps=0", "--out_dir=out"],
+        cwd=tmp_path)
+    res = results(tmp_path / "out")
+    assert res["grad_steps"] == 20 * 1 + 16 // 4 and len(res["stages"]) == 20
+    assert res["metric"]["value"] in (0.0, 12.5, 25.0, 37.5, 50.0, 62.5, 75.0, 87.5, 100.0)  # k of 8 images
