@@ -753,6 +753,9 @@ def convert(guide, stages, task, batches, example, cfg, ctx, train_steps, log=pr
             _task_phase(hybrid, label, steps, peak, warmup, kind == "train", task, batches, cfg, ctx, state,
                         optimizer_state, ckpt_path, log)
         optimizer_state = None
+        if kind == "align" and stages[si].finetune_steps > 0:
+            # The hybrid straight after alignment: shows what CKA alone leaves to the frozen layers downstream.
+            state["records"][si][f"{task.metric}_before_finetune"] = task.evaluate(hybrid)
         if kind == "finetune":
             record = state["records"][si]
             record["finetune_steps"] = steps
@@ -786,7 +789,7 @@ def _align_phase(guide, hybrid, si, stage, task, batches, cfg, ctx, state, optim
         state["records"].append({"stage": si + 1, "replaced": list(names), "align_steps": stage.align_steps,
                                  "cka": {}})
     recent = state["recent_cka"]
-    t0 = time.time()
+    t0, logged = time.time(), state["step"]
     for step in range(state["step"], stage.align_steps):
         lr = lr_at(step, stage.align_steps, stage.align_lr, stage.align_steps // 10)
         for group in opt.param_groups:
@@ -796,8 +799,8 @@ def _align_phase(guide, hybrid, si, stage, task, batches, cfg, ctx, state, optim
         state["grad_steps"] += 1
         recent[:] = (recent + [values])[-10:]
         if (step + 1) % cfg["log_interval"] == 0 or step + 1 == stage.align_steps:
-            dt = (time.time() - t0) / cfg["log_interval"]
-            t0 = time.time()
+            dt = (time.time() - t0) / (step + 1 - logged)
+            t0, logged = time.time(), step + 1
             log(f"stage {si + 1} align step {step + 1}/{stage.align_steps} | loss {1 - sum(values) / len(values):.4f}"
                 f" | cka {_fmt_cka(dict(zip(names, values)))} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | "
                 f"{x.shape[0] * ctx.world / dt:.0f} samples/s")
@@ -835,7 +838,7 @@ def _task_phase(hybrid, label, steps, peak_lr, warmup, is_final, task, batches, 
     opt = make_optimizer(hybrid.parameters(), cfg["optimizer"], peak_lr, cfg["weight_decay"], ctx.device)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
-    t0 = time.time()
+    t0, logged = time.time(), state["step"]
     for step in range(state["step"], steps):
         lr = lr_at(step, steps, peak_lr, warmup)
         for group in opt.param_groups:
@@ -850,8 +853,8 @@ def _task_phase(hybrid, label, steps, peak_lr, warmup, is_final, task, batches, 
         opt.zero_grad(set_to_none=True)
         state["grad_steps"] += 1
         if (step + 1) % cfg["log_interval"] == 0 or step + 1 == steps:
-            dt = (time.time() - t0) / cfg["log_interval"]
-            t0 = time.time()
+            dt = (time.time() - t0) / (step + 1 - logged)
+            t0, logged = time.time(), step + 1
             n = task.inputs(batch).shape[0] * ctx.world
             log(f"{label} step {step + 1}/{steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
                 f"{dt * 1000:.1f} ms/step | {n / dt:.0f} samples/s")

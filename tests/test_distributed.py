@@ -44,6 +44,7 @@ def align(rank, world, scope, out):
 
 
 def worker(rank, world, scope, out, init_file):
+    torch.set_num_threads(1)  # two processes share the machine's cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         align(rank, world, scope, out)
