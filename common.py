@@ -617,13 +617,16 @@ def load_checkpoint(path):
 
 @dataclass
 class Stage:
-    """One NoT stage: which guide modules it replaces, and how to build their target modules.
+    """One NoT stage.
 
-    `make(name, guide_module, in_shape, out_shape)` returns the new module;
-    shapes exclude the batch dimension.
+    swap(hybrid): puts this stage's new, freshly initialized target modules into the hybrid (usually one
+        `replace` per module; a block-level conversion may also add or remove adapters).
+    compare: (guide module, hybrid module) name pairs whose outputs CKA matches; often the same name twice.
+    train: the hybrid modules trained during alignment (the new ones).
     """
-    names: list
-    make: Callable
+    swap: Callable
+    compare: list
+    train: list
     align_steps: int
     align_lr: float
     finetune_steps: int
@@ -667,14 +670,6 @@ def plan_phases(method, stages, train_steps):
     return phases + [("train", None, train_steps)]
 
 
-def swap_in(hybrid, guide, stage, example):
-    """Replace the stage's modules in the hybrid by freshly built target modules (shapes probed on the guide)."""
-    shapes = io_shapes(guide, example, stage.names)
-    for name in stage.names:
-        new = stage.make(name, get_module(guide, name), *shapes[name]).to(example.device)
-        replace(hybrid, name, new, *shapes[name])
-
-
 # Settings a resumed run may change: they do not alter what the run computes.
 RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "workers"}
 
@@ -689,27 +684,25 @@ def check_out_dir(cfg):
                           f"or choose another --out_dir")
 
 
-def convert(guide, stages, task, batches, example, cfg, ctx, train_steps, log=print):
+def convert(guide, stages, task, batches, cfg, ctx, train_steps, log=print):
     """Run NoT (cfg["method"] == "not") or the naive baseline ("naive"); return (target, results).
 
-    `example` is a small input batch used to probe module shapes. cfg keys
-    used: method, out_dir, resume, eval_guide, optimizer, lr, weight_decay,
+    cfg keys used: method, out_dir, resume, eval_guide, optimizer, lr, weight_decay,
     warmup_steps, grad_clip, cka_scope, cka_unbiased, dtype, log_interval,
     eval_interval, ckpt_interval. Rank 0 keeps the checkpoint in
     out_dir/ckpt.pt and the results in out_dir/results.json.
 
     Alignment (per stage): the hybrid runs in eval mode (frozen BatchNorm keeps
-    the guide's statistics), only the new modules train, and the loss is the
-    mean over replaced modules of 1 - CKA between the hybrid's output there
-    (fed by the hybrid's own upstream layers) and the guide's. Both forward
-    passes stop after the deepest replaced module; the guide's runs once per
+    the guide's statistics), only the stage's `train` modules learn, and the
+    loss is the mean over its `compare` pairs of 1 - CKA between the hybrid's
+    output (fed by the hybrid's own upstream layers) and the guide's. Both
+    forward passes stop after the deepest compared module; the guide's runs once per
     batch without autograd. Fine-tuning and final training update every
     parameter on the task loss, under DDP when several processes run.
     """
     method = cfg["method"]
     phases = plan_phases(method, stages, train_steps)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    example = example[:2].to(ctx.device)
     guide.eval().requires_grad_(False)
     hybrid = copy.deepcopy(guide)
     # Where the run is; saved whole in every checkpoint. `applied`: stages swapped into the hybrid.
@@ -724,8 +717,8 @@ def convert(guide, stages, task, batches, example, cfg, ctx, train_steps, log=pr
                               + ", ".join(f"{k} (was {ckpt['config'].get(k)!r}, now {cfg[k]!r})" for k in sorted(changed)))
         state = ckpt["state"]
         for stage in stages[:state["applied"]]:
-            swap_in(hybrid, guide, stage, example)
-        hybrid.load_state_dict(ckpt["model"])
+            stage.swap(hybrid)
+        hybrid.to(ctx.device).load_state_dict(ckpt["model"])
         batches.load_state_dict(ckpt["batches"])
         _set_rng_state(ckpt["rng"][ctx.rank])
         optimizer_state = ckpt["optimizer"]
@@ -741,7 +734,8 @@ def convert(guide, stages, task, batches, example, cfg, ctx, train_steps, log=pr
         kind, si, steps = phases[p]
         wanted = len(stages) if si is None else si + 1
         while state["applied"] < wanted:
-            swap_in(hybrid, guide, stages[state["applied"]], example)
+            stages[state["applied"]].swap(hybrid)
+            hybrid.to(ctx.device)
             state["applied"] += 1
         if kind == "align":
             _align_phase(guide, hybrid, si, stages[si], task, batches, cfg, ctx, state, optimizer_state,
@@ -776,47 +770,47 @@ def _fmt_cka(values):
 
 
 def _align_phase(guide, hybrid, si, stage, task, batches, cfg, ctx, state, optimizer_state, ckpt_path, log):
-    names = stage.names
     hybrid.eval().requires_grad_(False)
     params = []
-    for name in names:
+    for name in stage.train:
         module = get_module(hybrid, name).train().requires_grad_(True)
         params += list(module.parameters())
     opt = make_optimizer(params, "adamw", stage.align_lr, 0.0, ctx.device)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     if state["step"] == 0:
-        state["records"].append({"stage": si + 1, "replaced": list(names), "align_steps": stage.align_steps,
+        state["records"].append({"stage": si + 1, "replaced": list(stage.train), "align_steps": stage.align_steps,
                                  "cka": {}})
     recent = state["recent_cka"]
+    guide_names = [g for g, _ in stage.compare]
     t0, logged = time.time(), state["step"]
     for step in range(state["step"], stage.align_steps):
         lr = lr_at(step, stage.align_steps, stage.align_lr, stage.align_steps // 10)
         for group in opt.param_groups:
             group["lr"] = lr
         x = task.inputs(next(batches)).to(ctx.device, non_blocking=True)
-        values = align_step(guide, hybrid, names, x, opt, params, cfg, ctx.device)
+        values = align_step(guide, hybrid, stage.compare, x, opt, params, cfg, ctx.device)
         state["grad_steps"] += 1
         recent[:] = (recent + [values])[-10:]
         if (step + 1) % cfg["log_interval"] == 0 or step + 1 == stage.align_steps:
             dt = (time.time() - t0) / (step + 1 - logged)
             t0, logged = time.time(), step + 1
             log(f"stage {si + 1} align step {step + 1}/{stage.align_steps} | loss {1 - sum(values) / len(values):.4f}"
-                f" | cka {_fmt_cka(dict(zip(names, values)))} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | "
+                f" | cka {_fmt_cka(dict(zip(guide_names, values)))} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | "
                 f"{x.shape[0] * ctx.world / dt:.0f} samples/s")
         _maybe_save(step, stage.align_steps, ckpt_path, hybrid, opt, batches, cfg, ctx, state)
     # A stage's final CKA: the mean over its last (up to) 10 alignment steps.
     if recent:
-        state["records"][si]["cka"] = {n: sum(v[i] for v in recent) / len(recent) for i, n in enumerate(names)}
+        state["records"][si]["cka"] = {n: sum(v[i] for v in recent) / len(recent) for i, n in enumerate(guide_names)}
     recent.clear()
 
 
-def align_step(guide, hybrid, names, x, opt, params, cfg, device):
-    """One alignment step on input x; returns the CKA at each replaced module (floats)."""
+def align_step(guide, hybrid, compare, x, opt, params, cfg, device):
+    """One alignment step on input x; returns the CKA of each (guide, hybrid) pair in `compare` (floats)."""
     with torch.no_grad(), autocast(device, cfg["dtype"]):
-        targets = forward_until(guide, x, names)
+        targets = forward_until(guide, x, [g for g, _ in compare])
     with autocast(device, cfg["dtype"]):
-        outputs = forward_until(hybrid, x, names)
+        outputs = forward_until(hybrid, x, [h for _, h in compare])
     values = [global_cka(h, g, cfg["cka_unbiased"], cfg["cka_scope"]) for h, g in zip(outputs, targets)]
     loss = 1.0 - torch.stack(values).mean()
     loss.backward()

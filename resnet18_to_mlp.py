@@ -241,12 +241,18 @@ def main(argv):
     names = conv_names(guide_model)
     if cfg["order"] == "reverse":
         names = names[::-1]
+    example = val_set[0][0].unsqueeze(0).to(ctx.device)
+    shapes = common.io_shapes(guide_model, example, names)
 
-    def make(name, conv, in_shape, out_shape):
-        return LowRankLinear(in_shape, out_shape, cfg["rank"])
+    def conv_stage(name):
+        def swap(hybrid):
+            common.replace(hybrid, name, LowRankLinear(*shapes[name], cfg["rank"]), *shapes[name])
 
-    stages = [common.Stage([name], make, cfg["align_steps"], cfg["align_lr"], cfg["finetune_steps"],
-                           cfg["finetune_lr"]) for name in names]
+        return common.Stage(swap, compare=[(name, name)], train=[name], align_steps=cfg["align_steps"],
+                            align_lr=cfg["align_lr"], finetune_steps=cfg["finetune_steps"],
+                            finetune_lr=cfg["finetune_lr"])
+
+    stages = [conv_stage(name) for name in names]
 
     def task_loss(model, batch):
         images, labels = (t.to(ctx.device, non_blocking=True) for t in batch)
@@ -254,9 +260,8 @@ def main(argv):
 
     task = common.Task(loss=task_loss, inputs=lambda batch: batch[0], evaluate=evaluate, metric="top1")
     train_steps = cfg["epochs"] * len(batches)
-    example = val_set[0][0].unsqueeze(0)
     t0 = time.time()
-    target, results = common.convert(guide_model, stages, task, batches, example, cfg_run, ctx, train_steps, log)
+    target, results = common.convert(guide_model, stages, task, batches, cfg_run, ctx, train_steps, log)
     if ctx.master:
         common.save_atomic({"config": cfg, "model": target.state_dict()}, os.path.join(cfg["out_dir"], "target.pt"))
         log(f"wrote {cfg['out_dir']}/target.pt and results.json in {time.time() - t0:.0f} s")

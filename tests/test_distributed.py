@@ -11,7 +11,7 @@ import torch.nn as nn
 import common
 
 CFG = {"dtype": "float32", "cka_unbiased": False, "cka_scope": "global", "grad_clip": 1.0}
-NAMES = ["1", "4"]  # two replaced modules, one after the other
+COMPARE = [("1", "1"), ("4", "4")]  # two replaced modules, one after the other
 
 
 def guide_and_hybrid():
@@ -37,7 +37,7 @@ def align(rank, world, scope, out):
     history = []
     for x in batches:
         rows = x[rank * per_rank:(rank + 1) * per_rank]
-        history.append(common.align_step(guide, hybrid, NAMES, rows, opt, params, dict(CFG, cka_scope=scope),
+        history.append(common.align_step(guide, hybrid, COMPARE, rows, opt, params, dict(CFG, cka_scope=scope),
                                          torch.device("cpu")))
     if rank == 0:
         torch.save({"cka": history, "weights": [p.detach().clone() for p in params]}, out)
