@@ -80,6 +80,13 @@ def parse_config(defaults, argv, presets=None):
     return config
 
 
+def check_choices(cfg, choices):
+    """Stop unless each cfg[key] is one of choices[key]."""
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"--{key}={cfg[key]}: expected one of {', '.join(map(str, allowed))}")
+
+
 def _parse_value(key, text, default):
     kind = type(default)
     if kind is str:
@@ -434,19 +441,21 @@ def check_image_folders(data_dir):
     return classes["train"]
 
 
-def image_folders(data_dir, image_size=224):
+def image_folders(data_dir, image_size=224, interpolation="bilinear"):
     """ImageNet-style train and val datasets: RandomResizedCrop + flip for training, Resize + CenterCrop for evaluation.
 
-    Evaluation resizes to image_size * 256 / 224 (256 for 224) and crops the center, as torchvision's references do.
+    Evaluation resizes to image_size * 256 / 224 (256 for 224) and crops the center, as torchvision's references
+    do; `interpolation` is the resampling of both ("bicubic" in DINOv2's official evaluation).
     """
     from torchvision import datasets, transforms
 
     check_image_folders(data_dir)
     resize_size = round(image_size * 256 / 224)
+    mode = transforms.InterpolationMode(interpolation)
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), normalize])
-    val_tf = transforms.Compose([transforms.Resize(resize_size), transforms.CenterCrop(image_size),
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size, interpolation=mode),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+    val_tf = transforms.Compose([transforms.Resize(resize_size, interpolation=mode), transforms.CenterCrop(image_size),
                                  transforms.ToTensor(), normalize])
     return (datasets.ImageFolder(os.path.join(data_dir, "train"), train_tf),
             datasets.ImageFolder(os.path.join(data_dir, "val"), val_tf))
@@ -468,6 +477,16 @@ def synthetic_images(num_train, num_val, num_classes, image_size, seed=0):
         return torch.utils.data.TensorDataset(images, labels)
 
     return make(num_train), make(num_val)
+
+
+def image_data(cfg, interpolation="bilinear"):
+    """(train set, val set, number of classes): ImageNet folders when cfg["data_dir"] is set, else generated images."""
+    if cfg["data_dir"]:
+        train_set, val_set = image_folders(cfg["data_dir"], cfg["image_size"], interpolation)
+        return train_set, val_set, len(train_set.classes)
+    train_set, val_set = synthetic_images(cfg["synthetic_train"], cfg["synthetic_val"], cfg["num_classes"],
+                                          cfg["image_size"], seed=cfg["seed"])
+    return train_set, val_set, cfg["num_classes"]
 
 
 class Batches:
@@ -549,6 +568,17 @@ def evaluate_accuracy(model, loader, device, dtype="float32", max_batches=0):
     return 100.0 * counts[0].item() / max(counts[1].item(), 1)
 
 
+def classification_task(val_loader, device, dtype, label_smoothing=0.0):
+    """The Task of an image classifier: cross-entropy on (images, labels) batches, top-1 on val_loader."""
+
+    def loss(model, batch):
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        return F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+
+    return Task(loss=loss, inputs=lambda batch: batch[0],
+                evaluate=lambda model: evaluate_accuracy(model, val_loader, device, dtype), metric="top1")
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -609,6 +639,20 @@ def load_checkpoint(path):
     except Exception as e:
         raise ConfigError(f"checkpoint {path!r} could not be read ({type(e).__name__}: {e}); "
                           f"is it a truncated or foreign file?") from None
+
+
+def state_dict_mismatch(state, expected):
+    """Why `state` would not load into a model whose state dict is `expected`: a list of
+    "missing keys [...]", "unexpected keys [...]", "wrong shapes [...]" (empty when it fits)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    problems = []
+    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+        if keys:
+            problems.append(f"{what} {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else ""))
+    return problems
 
 
 # -----------------------------------------------------------------------------

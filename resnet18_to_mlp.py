@@ -47,7 +47,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 import common
@@ -145,10 +144,10 @@ def load_guide(spec, num_classes=1000):
     if "fc.weight" not in state:
         raise common.ConfigError(f"guide {spec!r} is not a ResNet-18 state dict (no fc.weight)")
     model = torchvision.models.resnet18(num_classes=state["fc.weight"].shape[0])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise common.ConfigError(f"guide {spec!r} does not fit ResNet-18: missing keys {missing[:5]}, "
-                                 f"unexpected keys {unexpected[:5]}")
+    problems = common.state_dict_mismatch(state, model.state_dict())
+    if problems:
+        raise common.ConfigError(f"guide {spec!r} does not fit ResNet-18: " + "; ".join(problems))
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -174,12 +173,9 @@ def load_target(path):
 
 
 def check_config(cfg):
-    choices = {"method": ("not", "naive"), "order": ("forward", "reverse"), "cka_scope": ("global", "local"),
-               "optimizer": ("adamw", "sgd"), "device": ("auto", "cuda", "cpu"),
-               "dtype": ("bfloat16", "float16", "float32")}
-    for key, allowed in choices.items():
-        if cfg[key] not in allowed:
-            raise common.ConfigError(f"--{key}={cfg[key]}: expected one of {', '.join(allowed)}")
+    common.check_choices(cfg, {"method": ("not", "naive"), "order": ("forward", "reverse"),
+                               "cka_scope": ("global", "local"), "optimizer": ("adamw", "sgd"),
+                               "device": ("auto", "cuda", "cpu"), "dtype": ("bfloat16", "float16", "float32")})
     for key in ("rank", "batch_size", "image_size", "log_interval", "ckpt_interval"):
         if cfg[key] <= 0:
             raise common.ConfigError(f"--{key} must be positive, got {cfg[key]}")
@@ -207,23 +203,15 @@ def main(argv):
     cfg_run = dict(cfg, dtype=dtype)
 
     # data
-    if cfg["data_dir"]:
-        train_set, val_set = common.image_folders(cfg["data_dir"], cfg["image_size"])
-        num_classes = len(train_set.classes)
-    else:
-        train_set, val_set = common.synthetic_images(cfg["synthetic_train"], cfg["synthetic_val"],
-                                                     cfg["num_classes"], cfg["image_size"], seed=cfg["seed"])
-        num_classes = cfg["num_classes"]
+    train_set, val_set, num_classes = common.image_data(cfg)
     pin = ctx.device.type == "cuda"
     per_rank = cfg["batch_size"] // ctx.world
     val_loader = common.eval_loader(val_set, per_rank, ctx.rank, ctx.world, cfg["workers"], pin)
-
-    def evaluate(model):
-        return common.evaluate_accuracy(model, val_loader, ctx.device, dtype)
+    task = common.classification_task(val_loader, ctx.device, dtype, cfg["label_smoothing"])
 
     if cfg["eval_only"]:
         model = load_guide(cfg["guide"], num_classes) if cfg["eval_only"] == "guide" else load_target(cfg["eval_only"])
-        log(f"{cfg['eval_only']} top1 {evaluate(model.to(ctx.device)):.2f}")
+        log(f"{cfg['eval_only']} top1 {task.evaluate(model.to(ctx.device)):.2f}")
         common.cleanup_distributed()
         return
 
@@ -254,11 +242,6 @@ def main(argv):
 
     stages = [conv_stage(name) for name in names]
 
-    def task_loss(model, batch):
-        images, labels = (t.to(ctx.device, non_blocking=True) for t in batch)
-        return F.cross_entropy(model(images), labels, label_smoothing=cfg["label_smoothing"])
-
-    task = common.Task(loss=task_loss, inputs=lambda batch: batch[0], evaluate=evaluate, metric="top1")
     train_steps = cfg["epochs"] * len(batches)
     t0 = time.time()
     target, results = common.convert(guide_model, stages, task, batches, cfg_run, ctx, train_steps, log)

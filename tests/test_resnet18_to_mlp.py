@@ -183,9 +183,15 @@ def test_guide_from_a_path(tmp_path):
         assert torch.equal(guide.state_dict()[key], value)
     state = model.state_dict()
     del state["layer1.0.conv1.weight"]
+    state["layer2.0.conv1.weight"] = torch.zeros(128, 64, 1, 1)
+    state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "broken.pt")
-    with pytest.raises(SystemExit, match="layer1.0.conv1.weight"):
+    with pytest.raises(SystemExit) as err:
         resnet18_to_mlp.load_guide(str(tmp_path / "broken.pt"))
+    message = str(err.value.code)
+    assert "missing keys ['layer1.0.conv1.weight']" in message
+    assert "unexpected keys ['extra.weight']" in message
+    assert "wrong shapes ['layer2.0.conv1.weight (128, 64, 1, 1) (expected (128, 64, 3, 3))']" in message
 
 
 def make_image_folder(root, classes, per_class=4, size=40):

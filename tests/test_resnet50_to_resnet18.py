@@ -1,0 +1,128 @@
+"""resnet50_to_resnet18.py: block-level stages with adapters at the frontier, ending in a plain ResNet-18."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import common
+import resnet50_to_resnet18 as script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "resnet50_to_resnet18.py")
+FAST = ["--preset=tiny", "--device=cpu", "--align_steps=3", "--finetune_steps=1", "--epochs=1"]
+STEPS = 5 * (3 + 1) + 1024 // 32
+CFG = {"align_steps": 1, "align_lr": 1e-3, "finetune_steps": 1, "finetune_lr": 1e-3}
+
+
+def run(args, cwd, launcher=(sys.executable,), check=True):
+    proc = subprocess.run([*launcher, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def results(out_dir):
+    with open(os.path.join(out_dir, "results.json")) as f:
+        return json.load(f)
+
+
+def is_adapter(module):
+    return (isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], nn.Conv2d)
+            and module[0].kernel_size == (1, 1) and isinstance(module[1], nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_hybrid_runs_at_every_stage_and_ends_as_resnet18(order):
+    torch.manual_seed(0)
+    guide = script.load_guide("random", num_classes=10)
+    hybrid = copy.deepcopy(guide)
+    x = torch.randn(2, 3, 64, 64)
+    stages = script.make_stages(order, 10, CFG)
+    compared = []
+    for stage in stages:
+        stage.swap(hybrid)
+        assert hybrid.eval()(x).shape == (2, 10)
+        (guide_name, hybrid_name), = stage.compare
+        compared.append(guide_name)
+        g, = common.forward_until(guide, x, [guide_name])
+        h, = common.forward_until(hybrid, x, [hybrid_name])
+        if guide_name == "fc":
+            assert g.shape == h.shape == (2, 10)
+        else:
+            k = int(guide_name[-1])  # stage k: ResNet-50 has 4x the channels of ResNet-18, same resolution
+            size = 64 // 2 ** (k + 1)
+            assert g.shape == (2, 256 * 2 ** (k - 1), size, size)
+            assert h.shape == (2, 64 * 2 ** (k - 1), size, size)
+        # Adapters only at the frontier: one while ResNet-50 parts remain, none at the end.
+        adapters = [n for n, m in hybrid.named_modules() if n.count(".") == 1 and is_adapter(m)]
+        assert len(adapters) == (0 if stage is stages[-1] else 1), adapters
+    expected = ["layer1", "layer2", "layer3", "layer4", "fc"]
+    assert compared == (expected if order == "forward" else expected[::-1])
+    target = torchvision.models.resnet18(num_classes=10)
+    target.load_state_dict(hybrid.state_dict(), strict=True)
+    torch.testing.assert_close(target.eval()(x), hybrid(x))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, extra in [("not", []), ("reverse", ["--order=reverse"]), ("naive", ["--method=naive"]),
+                        ("scratch", ["--method=scratch"])]:
+        run([*FAST, f"--out_dir={tmp / name}", *extra], cwd=tmp)
+        out[name] = str(tmp / name)
+    return out
+
+
+def test_all_arms_take_the_same_number_of_steps(runs):
+    for name in ("not", "reverse", "naive", "scratch"):
+        res = results(runs[name])
+        assert res["status"] == "done" and res["grad_steps"] == STEPS, name
+        assert res["metric"]["value"] > 30, name  # chance is 10%
+    assert [s["replaced"] for s in results(runs["not"])["stages"]] == [
+        ["conv1", "bn1", "layer1"], ["layer2"], ["layer3"], ["layer4"], ["fc"]]
+    assert [list(s["cka"]) for s in results(runs["reverse"])["stages"]] == [
+        ["fc"], ["layer4"], ["layer3"], ["layer2"], ["layer1"]]
+    assert results(runs["scratch"])["guide_metric"] is None
+
+
+def test_target_is_the_model_the_run_ended_with(runs):
+    for name in ("not", "reverse"):
+        target = script.load_target(os.path.join(runs[name], "target.pt"))
+        assert type(target) is torchvision.models.ResNet and not any(
+            isinstance(m, torchvision.models.resnet.Bottleneck) for m in target.modules())
+        # Rebuild the run's final hybrid from its last checkpoint and compare outputs.
+        hybrid = script.load_guide("random", num_classes=10)
+        for stage in script.make_stages("forward" if name == "not" else "reverse", 10, CFG):
+            stage.swap(hybrid)
+        hybrid.load_state_dict(torch.load(os.path.join(runs[name], "ckpt.pt"))["model"])
+        x = torch.randn(4, 3, 32, 32)
+        torch.testing.assert_close(target(x), hybrid.eval()(x))
+
+
+def test_torchrun_two_processes(tmp_path):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    run([*FAST, "--epochs=1", "--out_dir=ddp"], cwd=tmp_path, launcher=launcher)
+    res = results(tmp_path / "ddp")
+    assert res["status"] == "done" and res["grad_steps"] == STEPS and len(res["stages"]) == 5
+    torchvision.models.resnet18(num_classes=10).load_state_dict(
+        torch.load(tmp_path / "ddp" / "target.pt")["model"], strict=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method=distill"], "--method=distill: expected one of not, naive, scratch"),
+    (["--guide=resnet18.pt"], "does not fit ResNet-50: missing keys ['layer1.0.conv3.weight'"),
+    (["--batch_size=0"], "--batch_size must be positive"),
+    (["--data_dir=nowhere"], "data_dir 'nowhere' is not a folder"),
+])
+def test_bad_input_stops_with_a_message_and_writes_nothing(tmp_path, args, message):
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "resnet18.pt")
+    proc = run([*FAST, "--out_dir=out", *args], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
