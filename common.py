@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -138,6 +137,37 @@ def setup_distributed(device="auto"):
         return Dist(rank, local_rank, world, torch.device("cuda", local_rank))
     dist.init_process_group("gloo")
     return Dist(rank, local_rank, world, torch.device("cpu"))
+
+
+def start(cfg):
+    """The preamble of every script, before any long work: returns (ctx, log, cfg).
+
+    Checks out_dir (unless only evaluating), joins the other processes, seeds
+    and turns on TF32. The returned cfg holds the dtype the run really uses
+    (float32 on CPU); log prints on rank 0 only.
+    """
+    if not cfg["eval_only"]:
+        check_out_dir(cfg)
+    ctx = setup_distributed(cfg["device"])
+    if cfg["batch_size"] % ctx.world:
+        raise ConfigError(f"--batch_size={cfg['batch_size']} is not divisible by {ctx.world} processes")
+    # Every rank uses the same seed: new modules must start identical on all of them.
+    seed_everything(cfg["seed"])
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log = print if ctx.master else (lambda *args: None)
+    return ctx, log, dict(cfg, dtype=cfg["dtype"] if ctx.device.type == "cuda" else "float32")
+
+
+def rank0_first(load):
+    """Call load() on rank 0, then on the others: rank 0 alone downloads, the rest read its cached copy."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+    result = load()
+    if dist.is_initialized() and dist.get_rank() == 0:
+        dist.barrier()
+    return result
 
 
 def cleanup_distributed():
@@ -757,8 +787,8 @@ def convert(guide, stages, task, batches, cfg, ctx, train_steps, log=print):
         ckpt = load_checkpoint(ckpt_path)
         changed = {k for k in cfg if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != cfg[k]}
         if changed:
-            raise ConfigError(f"--resume with settings that differ from the checkpoint's: "
-                              + ", ".join(f"{k} (was {ckpt['config'].get(k)!r}, now {cfg[k]!r})" for k in sorted(changed)))
+            differences = ", ".join(f"{k} (was {ckpt['config'].get(k)!r}, now {cfg[k]!r})" for k in sorted(changed))
+            raise ConfigError(f"--resume with settings that differ from the checkpoint's: {differences}")
         state = ckpt["state"]
         for stage in stages[:state["applied"]]:
             stage.swap(hybrid)

@@ -405,35 +405,19 @@ def check_config(cfg):
 def main(argv):
     cfg = common.parse_config(config, argv, PRESETS)
     check_config(cfg)
-    if not cfg["eval_only"]:
-        common.check_out_dir(cfg)
-    ctx = common.setup_distributed(cfg["device"])
-    if cfg["batch_size"] % ctx.world:
-        raise common.ConfigError(f"--batch_size={cfg['batch_size']} is not divisible by {ctx.world} processes")
-    log = print if ctx.master else (lambda *a: None)
-    # Every rank uses the same seed: new modules must start identical on all of them.
-    common.seed_everything(cfg["seed"])
-    if ctx.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = cfg["dtype"] if ctx.device.type == "cuda" else "float32"
-    cfg_run = dict(cfg, dtype=dtype)
+    ctx, log, cfg = common.start(cfg)
 
     # data
     train_set, val_set, num_classes = common.image_data(cfg, interpolation="bicubic")
     pin = ctx.device.type == "cuda"
     per_rank = cfg["batch_size"] // ctx.world
     val_loader = common.eval_loader(val_set, per_rank, ctx.rank, ctx.world, cfg["workers"], pin)
-    task = common.classification_task(val_loader, ctx.device, dtype, cfg["label_smoothing"])
+    task = common.classification_task(val_loader, ctx.device, cfg["dtype"], cfg["label_smoothing"])
 
     def get_guide():
-        # Rank 0 alone downloads the pretrained weights; the others then read its cached copy.
-        if not ctx.master:
-            common.barrier()
-        model = load_guide(cfg["guide"], cfg["image_size"], cfg["head_layers"], num_classes, cfg["embed_dim"],
-                           cfg["depth"], cfg["patch_size"]).to(ctx.device)
-        if ctx.master:
-            common.barrier()
+        model = common.rank0_first(lambda: load_guide(cfg["guide"], cfg["image_size"], cfg["head_layers"],
+                                                      num_classes, cfg["embed_dim"], cfg["depth"],
+                                                      cfg["patch_size"])).to(ctx.device)
         if model.cfg.num_classes != num_classes:
             raise common.ConfigError(f"the guide has {model.cfg.num_classes} classes, the data {num_classes}")
         return model
@@ -467,7 +451,7 @@ def main(argv):
 
     train_steps = cfg["epochs"] * len(batches)
     t0 = time.time()
-    target, results = common.convert(guide_model, stages, task, batches, cfg_run, ctx, train_steps, log)
+    target, results = common.convert(guide_model, stages, task, batches, cfg, ctx, train_steps, log)
     if ctx.master:
         common.save_atomic({"config": cfg, "arch": asdict(guide_model.cfg), "model": target.state_dict()},
                            os.path.join(cfg["out_dir"], "target.pt"))

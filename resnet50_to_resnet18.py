@@ -234,25 +234,14 @@ def check_config(cfg):
 def main(argv):
     cfg = common.parse_config(config, argv, PRESETS)
     check_config(cfg)
-    common.check_out_dir(cfg)
-    ctx = common.setup_distributed(cfg["device"])
-    if cfg["batch_size"] % ctx.world:
-        raise common.ConfigError(f"--batch_size={cfg['batch_size']} is not divisible by {ctx.world} processes")
-    log = print if ctx.master else (lambda *a: None)
-    # Every rank uses the same seed: new modules must start identical on all of them.
-    common.seed_everything(cfg["seed"])
-    if ctx.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = cfg["dtype"] if ctx.device.type == "cuda" else "float32"
-    cfg_run = dict(cfg, dtype=dtype)
+    ctx, log, cfg = common.start(cfg)
 
     # data
     train_set, val_set, num_classes = common.image_data(cfg)
     pin = ctx.device.type == "cuda"
     per_rank = cfg["batch_size"] // ctx.world
     val_loader = common.eval_loader(val_set, per_rank, ctx.rank, ctx.world, cfg["workers"], pin)
-    task = common.classification_task(val_loader, ctx.device, dtype, cfg["label_smoothing"])
+    task = common.classification_task(val_loader, ctx.device, cfg["dtype"], cfg["label_smoothing"])
 
     if cfg["eval_only"]:
         model = load_guide(cfg["guide"], num_classes) if cfg["eval_only"] == "guide" else load_target(cfg["eval_only"])
@@ -260,12 +249,7 @@ def main(argv):
         common.cleanup_distributed()
         return
 
-    # Rank 0 alone downloads the pretrained weights; the others then read its cached copy.
-    if not ctx.master:
-        common.barrier()
-    guide_model = load_guide(cfg["guide"], num_classes).to(ctx.device)
-    if ctx.master:
-        common.barrier()
+    guide_model = common.rank0_first(lambda: load_guide(cfg["guide"], num_classes)).to(ctx.device)
     if guide_model.fc.out_features != num_classes:
         raise common.ConfigError(f"the guide has {guide_model.fc.out_features} classes, the data {num_classes}")
     batches = common.Batches(train_set, per_rank, cfg["seed"], ctx.rank, ctx.world, cfg["workers"], pin)
@@ -276,9 +260,9 @@ def main(argv):
         # A plain ResNet-18, no stages, trained for as many steps as the NoT run takes in all.
         train_steps = common.total_grad_steps(stages, train_steps)
         guide_model, stages = torchvision.models.resnet18(num_classes=num_classes).to(ctx.device), []
-        cfg_run["eval_guide"] = False
+        cfg["eval_guide"] = False
     t0 = time.time()
-    hybrid, results = common.convert(guide_model, stages, task, batches, cfg_run, ctx, train_steps, log)
+    hybrid, results = common.convert(guide_model, stages, task, batches, cfg, ctx, train_steps, log)
     if ctx.master:
         # The hybrid's parameter names are ResNet-18's by construction; strict loading proves nothing else is left.
         target = torchvision.models.resnet18(num_classes=num_classes)

@@ -1,11 +1,8 @@
 """dinov2_to_patchmlp.py: the guide against timm's DINOv2, the converted model's lack of token mixing, and its
 command line end to end on CPU. Needs the test-only package timm (pip install timm)."""
-import json
 import math
 import os
 import re
-import subprocess
-import sys
 import urllib.error
 
 import pytest
@@ -14,9 +11,8 @@ import torch
 
 import common
 import dinov2_to_patchmlp as script
+from runs import TORCHRUN_2, read_results, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "dinov2_to_patchmlp.py")
 # The tiny preset (4 blocks, 128 wide, 8 x 8 patches of 32 x 32 images) with fewer steps: 4 stages x (4 + 2)
 # steps, then one epoch of 32 steps.
 FAST = ["--preset=tiny", "--device=cpu", "--align_steps=4", "--finetune_steps=2", "--epochs=1"]
@@ -24,16 +20,8 @@ STEPS_PER_EPOCH = 1024 // 32
 TINY = dict(image_size=32, head_layers=4, num_classes=10, embed_dim=128, depth=4, patch_size=8)
 
 
-def run(args, cwd, launcher=(sys.executable,), check=True):
-    proc = subprocess.run([*launcher, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def results(out_dir):
-    with open(os.path.join(out_dir, "results.json")) as f:
-        return json.load(f)
+def run(args, cwd, **kwargs):
+    return run_script("dinov2_to_patchmlp.py", args, cwd, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +219,7 @@ def test_target_mixes_no_tokens_and_the_guide_does(runs):
 
 def test_not_records_every_stage(runs):
     out_dir, log = runs["not"]
-    res = results(out_dir)
+    res = read_results(out_dir)
     assert res["status"] == "done"
     assert [s["replaced"] for s in res["stages"]] == [[f"blocks.{i}.attn"] for i in range(4)]
     for stage in res["stages"]:
@@ -244,9 +232,9 @@ def test_not_records_every_stage(runs):
 
 
 def test_naive_takes_as_many_gradient_steps_as_not(runs):
-    total = results(runs["not"][0])["grad_steps"]
+    total = read_results(runs["not"][0])["grad_steps"]
     naive_dir, naive_log = runs["naive"]
-    naive_res = results(naive_dir)
+    naive_res = read_results(naive_dir)
     assert naive_res["grad_steps"] == total
     assert f"train step {total}/{total}" in naive_log and "align" not in naive_log
     assert naive_res["stages"] == [] and naive_res["metric"]["value"] > 30
@@ -260,16 +248,15 @@ def test_target_reproduces_its_accuracy(runs):
     images, labels = val.tensors
     with torch.no_grad():
         top1 = 100.0 * (target(images).argmax(1) == labels).float().mean().item()
-    assert top1 == pytest.approx(results(out_dir)["metric"]["value"], abs=1e-6)
+    assert top1 == pytest.approx(read_results(out_dir)["metric"]["value"], abs=1e-6)
 
 
 def test_torchrun_two_processes_in_reverse(tmp_path, runs):
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}", "--order=reverse"], cwd=tmp_path, launcher=launcher)
-    res = results(tmp_path / "ddp")
+    proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}", "--order=reverse"], cwd=tmp_path, launcher=TORCHRUN_2)
+    res = read_results(tmp_path / "ddp")
     assert [s["replaced"][0] for s in res["stages"]] == [f"blocks.{i}.attn" for i in (3, 2, 1, 0)]
     # Two processes of 16 images make the same global batch of 32: one epoch is the same 32 steps.
-    assert res["grad_steps"] == results(runs["not"][0])["grad_steps"]
+    assert res["grad_steps"] == read_results(runs["not"][0])["grad_steps"]
     assert res["status"] == "done" and res["metric"]["value"] > 30
     assert proc.stdout.count("final top1") == 1  # rank 0 alone logs
     assert len(script.load_target(str(tmp_path / "ddp" / "target.pt")).state_dict()) > 0

@@ -1,6 +1,5 @@
 """Two processes aligning on halves of a global batch must match one process on the whole batch."""
 import copy
-import os
 
 import pytest
 import torch

@@ -15,24 +15,15 @@ import torchvision
 
 import common
 import resnet18_to_mlp
+from runs import ROOT, TORCHRUN_2, read_results, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "resnet18_to_mlp.py")
 # The tiny preset with fewer steps: 20 stages x (4 + 2) steps, then one epoch of 32 steps.
 FAST = ["--preset=tiny", "--device=cpu", "--align_steps=4", "--finetune_steps=2", "--epochs=1"]
 STEPS_PER_EPOCH = 1024 // 32
 
 
-def run(args, cwd, launcher=(sys.executable,), check=True):
-    proc = subprocess.run([*launcher, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def results(out_dir):
-    with open(os.path.join(out_dir, "results.json")) as f:
-        return json.load(f)
+def run(args, cwd, **kwargs):
+    return run_script("resnet18_to_mlp.py", args, cwd, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +39,7 @@ def runs(tmp_path_factory):
 
 def test_not_forward_records_every_stage(runs):
     out_dir, log = runs["forward"]
-    res = results(out_dir)
+    res = read_results(out_dir)
     names = resnet18_to_mlp.conv_names(torchvision.models.resnet18())
     assert res["status"] == "done"
     assert [s["replaced"] for s in res["stages"]] == [[n] for n in names]
@@ -64,15 +55,15 @@ def test_not_forward_records_every_stage(runs):
 
 
 def test_not_reverse_replaces_last_first(runs):
-    res = results(runs["reverse"][0])
+    res = read_results(runs["reverse"][0])
     names = resnet18_to_mlp.conv_names(torchvision.models.resnet18())
     assert [s["replaced"][0] for s in res["stages"]] == names[::-1]
     assert res["metric"]["value"] > 30
 
 
 def test_naive_takes_as_many_gradient_steps_as_not(runs):
-    not_res, (naive_dir, naive_log) = results(runs["forward"][0]), runs["naive"]
-    naive_res = results(naive_dir)
+    not_res, (naive_dir, naive_log) = read_results(runs["forward"][0]), runs["naive"]
+    naive_res = read_results(naive_dir)
     total = not_res["grad_steps"]
     assert naive_res["grad_steps"] == total
     # The loop itself logged that many task steps in one phase, and no alignment at all.
@@ -90,15 +81,14 @@ def test_target_has_no_convolution_and_reproduces_its_accuracy(runs):
     images, labels = val.tensors
     with torch.no_grad():
         top1 = 100.0 * (target(images).argmax(1) == labels).float().mean().item()
-    assert top1 == pytest.approx(results(out_dir)["metric"]["value"], abs=1e-6)
+    assert top1 == pytest.approx(read_results(out_dir)["metric"]["value"], abs=1e-6)
 
 
 def test_torchrun_two_processes(tmp_path, runs):
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}"], cwd=tmp_path, launcher=launcher)
-    res = results(tmp_path / "ddp")
+    proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}"], cwd=tmp_path, launcher=TORCHRUN_2)
+    res = read_results(tmp_path / "ddp")
     # Two processes of 16 images make the same global batch of 32: one epoch is the same 32 steps.
-    assert res["grad_steps"] == results(runs["forward"][0])["grad_steps"]
+    assert res["grad_steps"] == read_results(runs["forward"][0])["grad_steps"]
     assert res["status"] == "done" and res["metric"]["value"] > 30
     assert proc.stdout.count("final top1") == 1  # rank 0 alone logs
     assert len(resnet18_to_mlp.load_target(str(tmp_path / "ddp" / "target.pt")).state_dict()) > 0
@@ -107,13 +97,13 @@ def test_torchrun_two_processes(tmp_path, runs):
 def test_resume_after_kill_gives_the_same_weights(tmp_path, runs):
     out_dir = tmp_path / "killed"
     args = [*FAST, f"--out_dir={out_dir}", "--ckpt_interval=3"]
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "resnet18_to_mlp.py"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     # Kill it in the middle of the schedule, once a few stages are done.
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
-            if len(results(out_dir)["stages"]) >= 4:
+            if len(read_results(out_dir)["stages"]) >= 4:
                 break
         except (FileNotFoundError, json.JSONDecodeError):
             pass
@@ -127,7 +117,7 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path, runs):
     assert resumed.keys() == reference.keys()
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
-    assert results(out_dir)["grad_steps"] == results(runs["forward"][0])["grad_steps"]
+    assert read_results(out_dir)["grad_steps"] == read_results(runs["forward"][0])["grad_steps"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -230,6 +220,6 @@ def test_run_on_an_image_folder(tmp_path):
     make_image_folder(tmp_path / "data", ["a", "b"], per_class=8)
     run([*FAST, "--data_dir=data", "--batch_size=4", "--align_steps=1", "--finetune_steps=0", "--out_dir=out"],
         cwd=tmp_path)
-    res = results(tmp_path / "out")
+    res = read_results(tmp_path / "out")
     assert res["grad_steps"] == 20 * 1 + 16 // 4 and len(res["stages"]) == 20
     assert res["metric"]["value"] in (0.0, 12.5, 25.0, 37.5, 50.0, 62.5, 75.0, 87.5, 100.0)  # k of 8 images

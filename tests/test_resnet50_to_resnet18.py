@@ -1,9 +1,6 @@
 """resnet50_to_resnet18.py: block-level stages with adapters at the frontier, ending in a plain ResNet-18."""
 import copy
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,24 +9,15 @@ import torchvision
 
 import common
 import resnet50_to_resnet18 as script
+from runs import TORCHRUN_2, read_results, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "resnet50_to_resnet18.py")
 FAST = ["--preset=tiny", "--device=cpu", "--align_steps=3", "--finetune_steps=1", "--epochs=1"]
 STEPS = 5 * (3 + 1) + 1024 // 32
 CFG = {"align_steps": 1, "align_lr": 1e-3, "finetune_steps": 1, "finetune_lr": 1e-3}
 
 
-def run(args, cwd, launcher=(sys.executable,), check=True):
-    proc = subprocess.run([*launcher, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def results(out_dir):
-    with open(os.path.join(out_dir, "results.json")) as f:
-        return json.load(f)
+def run(args, cwd, **kwargs):
+    return run_script("resnet50_to_resnet18.py", args, cwd, **kwargs)
 
 
 def is_adapter(module):
@@ -82,14 +70,14 @@ def runs(tmp_path_factory):
 
 def test_all_arms_take_the_same_number_of_steps(runs):
     for name in ("not", "reverse", "naive", "scratch"):
-        res = results(runs[name])
+        res = read_results(runs[name])
         assert res["status"] == "done" and res["grad_steps"] == STEPS, name
         assert res["metric"]["value"] > 30, name  # chance is 10%
-    assert [s["replaced"] for s in results(runs["not"])["stages"]] == [
+    assert [s["replaced"] for s in read_results(runs["not"])["stages"]] == [
         ["conv1", "bn1", "layer1"], ["layer2"], ["layer3"], ["layer4"], ["fc"]]
-    assert [list(s["cka"]) for s in results(runs["reverse"])["stages"]] == [
+    assert [list(s["cka"]) for s in read_results(runs["reverse"])["stages"]] == [
         ["fc"], ["layer4"], ["layer3"], ["layer2"], ["layer1"]]
-    assert results(runs["scratch"])["guide_metric"] is None
+    assert read_results(runs["scratch"])["guide_metric"] is None
 
 
 def test_target_is_the_model_the_run_ended_with(runs):
@@ -107,9 +95,8 @@ def test_target_is_the_model_the_run_ended_with(runs):
 
 
 def test_torchrun_two_processes(tmp_path):
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    run([*FAST, "--epochs=1", "--out_dir=ddp"], cwd=tmp_path, launcher=launcher)
-    res = results(tmp_path / "ddp")
+    run([*FAST, "--epochs=1", "--out_dir=ddp"], cwd=tmp_path, launcher=TORCHRUN_2)
+    res = read_results(tmp_path / "ddp")
     assert res["status"] == "done" and res["grad_steps"] == STEPS and len(res["stages"]) == 5
     torchvision.models.resnet18(num_classes=10).load_state_dict(
         torch.load(tmp_path / "ddp" / "target.pt")["model"], strict=True)
