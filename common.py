@@ -744,8 +744,8 @@ def plan_phases(method, stages, train_steps):
     return phases + [("train", None, train_steps)]
 
 
-# Settings a resumed run may change: they do not alter what the run computes.
-RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "workers"}
+# Settings a resumed run may change: they do not alter what the run computes (paths may differ between machines).
+RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "workers", "tokenizer_file", "cache_dir"}
 
 
 def check_out_dir(cfg):

@@ -1,0 +1,352 @@
+"""gpt2_to_rnn.py on CPU: the GPT-2 loader against transformers, the real GPT-2 BPE, the token cache, tiny
+conversions through the command line (one and two processes), recurrent generation, and bad inputs.
+
+Test-only packages: pytest, transformers (the independent GPT-2), openai-whisper installed with --no-deps
+(it ships GPT-2's BPE as whisper/assets/gpt2.tiktoken, so the real tokenizer works offline).
+"""
+import importlib.util
+import math
+import os
+import random
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gpt2_to_rnn
+from runs import TORCHRUN_2, read_results, run_script
+
+SEQ_LEN = 32
+# The tiny preset with fewer, smaller steps: 2 stages x (6 + 2) steps, then 8 steps of final training.
+FAST = ["--preset=tiny", "--device=cpu", "--align_steps=6", "--finetune_steps=2", "--train_steps=8",
+        "--batch_size=8", f"--seq_len={SEQ_LEN}", "--log_interval=2"]
+GRAD_STEPS = 2 * (6 + 2) + 8
+# The pre-tokenizer of OpenAI's GPT-2 release (openai/gpt-2, src/encoder.py).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@pytest.fixture(scope="session")
+def bpe_file():
+    spec = importlib.util.find_spec("whisper")
+    path = spec and os.path.join(os.path.dirname(spec.origin), "assets", "gpt2.tiktoken")
+    if not path or not os.path.isfile(path):
+        pytest.fail("these tests need GPT-2's BPE file: pip install --no-deps openai-whisper")
+    return path
+
+
+def write_text_folder(folder, sizes=(60, 15, 15)):
+    """wiki.{train,valid,test}.raw in Wikitext's layout: headings, blank lines of one space, paragraphs."""
+    rng = random.Random(0)
+    who = ["The captain", "A farmer", "Her uncle", "The committee", "This species", "The old bridge"]
+    did = ["was rebuilt", "moved north", "was named after him", "won the award", "declined", "sold the land"]
+    when = ["in 1862", "during the war", "the next spring", "after 40 years", "in late October", "at once"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, paragraphs in zip(("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"), sizes):
+        lines = []
+        for p in range(paragraphs):
+            if p % 5 == 0:
+                lines += [" \n", f" = Section {p // 5} = \n", " \n"]
+            sentences = [f"{rng.choice(who)} {rng.choice(did)} {rng.choice(when)} ." for _ in range(4)]
+            lines.append(" " + " ".join(sentences) + " \n")
+        (folder / name).write_text("".join(lines), encoding="utf-8")
+    return folder
+
+
+def lines_of(path):
+    with open(path, encoding="utf-8") as f:
+        return [line if line.strip() else "" for line in f]
+
+
+def byte_tokens(path):
+    return [b for line in lines_of(path) for b in line.encode("utf-8")]
+
+
+def reference_ppl(model, ids, seq_len):
+    """exp(mean NLL) over non-overlapping windows, one window at a time, in float64."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for k in range((len(ids) - 1) // seq_len):
+            window = torch.tensor(ids[k * seq_len:k * seq_len + seq_len + 1])
+            logp = torch.log_softmax(model(window[None, :-1])[0].double(), dim=-1)
+            nll -= logp[torch.arange(seq_len), window[1:]].sum().item()
+            count += seq_len
+    return math.exp(nll / count)
+
+
+def run(args, cwd, **kwargs):
+    return run_script("gpt2_to_rnn.py", args, cwd, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """NoT and naive on a small text folder (one token per byte), and NoT in reverse order on 2 processes."""
+    tmp = tmp_path_factory.mktemp("runs")
+    data = write_text_folder(tmp / "text")
+    common_args = [*FAST, f"--data={data}", f"--cache_dir={tmp / 'cache'}"]
+    out = {}
+    for name, extra, launcher in [("not", [], (sys.executable,)), ("naive", ["--method=naive"], (sys.executable,)),
+                                  ("ddp", ["--order=reverse"], TORCHRUN_2)]:
+        proc = run([*common_args, f"--out_dir={tmp / name}", *extra], cwd=tmp, launcher=launcher)
+        out[name] = (str(tmp / name), proc.stdout)
+    out["data"] = data
+    return out
+
+
+def test_not_converts_every_block_and_reports_its_perplexity(runs):
+    out_dir, log = runs["not"]
+    res = read_results(out_dir)
+    assert res["status"] == "done" and res["grad_steps"] == GRAD_STEPS
+    assert [s["replaced"] for s in res["stages"]] == [["transformer.h.0.attn"], ["transformer.h.1.attn"]]
+    for stage in res["stages"]:
+        assert (stage["align_steps"], stage["finetune_steps"]) == (6, 2)
+        assert 0 <= stage["cka"][stage["replaced"][0]] <= 1 and stage["val_ppl"] > 1
+    # An untrained guide is near chance (256 bytes); the trained target must be far better.
+    assert res["guide_metric"] > 100 and res["metric"]["value"] < res["guide_metric"] / 4
+    target = gpt2_to_rnn.load_target(os.path.join(out_dir, "target.pt"))
+    assert not any(isinstance(m, gpt2_to_rnn.CausalSelfAttention) for m in target.modules())
+    for block in target.transformer.h:
+        rnn = block.attn.rnn
+        assert type(rnn) is nn.RNN and (rnn.num_layers, rnn.nonlinearity, rnn.batch_first) == (2, "tanh", True)
+        assert rnn.hidden_size == rnn.input_size == 128
+    # The reported perplexities, recomputed from the text files one window at a time.
+    data = runs["data"]
+    assert reference_ppl(target, byte_tokens(data / "wiki.valid.raw"), SEQ_LEN) == pytest.approx(
+        res["metric"]["value"], rel=1e-4)
+    assert reference_ppl(target, byte_tokens(data / "wiki.test.raw"), SEQ_LEN) == pytest.approx(
+        res["test_ppl"]["target"], rel=1e-4)
+    assert "stage 2/2 done" in log and "train step 8/8" in log
+
+
+def test_naive_takes_as_many_gradient_steps_as_not(runs):
+    out_dir, log = runs["naive"]
+    res = read_results(out_dir)
+    assert res["grad_steps"] == read_results(runs["not"][0])["grad_steps"] == GRAD_STEPS
+    assert res["stages"] == [] and "align" not in log and f"train step {GRAD_STEPS}/{GRAD_STEPS}" in log
+    target = gpt2_to_rnn.load_target(os.path.join(out_dir, "target.pt"))
+    assert reference_ppl(target, byte_tokens(runs["data"] / "wiki.valid.raw"), SEQ_LEN) == pytest.approx(
+        res["metric"]["value"], rel=1e-4)
+    # Same guide, same data: the guide's perplexities agree with the NoT run's.
+    assert res["guide_metric"] == pytest.approx(read_results(runs["not"][0])["guide_metric"], rel=1e-6)
+
+
+def test_torchrun_two_processes_count_every_token_once(runs):
+    out_dir, log = runs["ddp"]
+    res = read_results(out_dir)
+    assert res["status"] == "done" and res["grad_steps"] == GRAD_STEPS
+    assert [s["replaced"] for s in res["stages"]] == [["transformer.h.1.attn"], ["transformer.h.0.attn"]]
+    assert log.count("final val_ppl") == 1  # rank 0 alone logs
+    # Windows are split over the 2 ranks and all-reduced: the result must equal a single-process count.
+    target = gpt2_to_rnn.load_target(os.path.join(out_dir, "target.pt"))
+    data = runs["data"]
+    assert reference_ppl(target, byte_tokens(data / "wiki.valid.raw"), SEQ_LEN) == pytest.approx(
+        res["metric"]["value"], rel=1e-4)
+    assert reference_ppl(target, byte_tokens(data / "wiki.test.raw"), SEQ_LEN) == pytest.approx(
+        res["test_ppl"]["target"], rel=1e-4)
+
+
+def elman(rnn, x):
+    """Two stacked Elman layers written out: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
+    for layer in range(rnn.num_layers):
+        w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih",
+                                                                           "bias_hh"))
+        h, outputs = torch.zeros(x.shape[0], w_hh.shape[0]), []
+        for t in range(x.shape[1]):
+            h = torch.tanh(x[:, t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh)
+            outputs.append(h)
+        x = torch.stack(outputs, dim=1)
+    return x
+
+
+def test_recurrent_generation_matches_the_full_forward(runs):
+    target = gpt2_to_rnn.load_target(os.path.join(runs["not"][0], "target.pt"))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (3, 40))
+    with torch.no_grad():
+        full = target(ids)
+        # The replacement is the Elman recurrence, returned one row per token.
+        x = torch.randn(3, 40, 128)
+        mixer = target.transformer.h[0].attn
+        assert torch.allclose(mixer(x), elman(mixer.rnn, x).reshape(120, 128), atol=1e-5)
+        # Causal: changing the last token changes no earlier logits.
+        changed = ids.clone()
+        changed[:, -1] = (changed[:, -1] + 1) % 256
+        assert torch.allclose(target(changed)[:, :-1], full[:, :-1], atol=1e-6, rtol=0)
+        # Token by token, carrying the RNN states, gives the same logits.
+        states = [None] * len(target.transformer.h)
+        for pos in range(ids.shape[1]):
+            logits, states = target.step(ids[:, pos], pos, states)
+            assert torch.allclose(logits, full[:, pos], atol=1e-4), pos
+    # Sampling draws the same tokens as a loop that reruns the whole sequence for every token (same seed).
+    prompt = ids[:, :5]
+    generated = target.generate(prompt, 20, generator=torch.Generator().manual_seed(0))
+    expected, draws = prompt, torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(20):
+            probs = torch.softmax(target(expected)[:, -1], dim=-1)
+            expected = torch.cat([expected, torch.multinomial(probs, 1, generator=draws)], dim=1)
+    assert torch.equal(generated, expected)
+    # top_k=1 is greedy decoding.
+    greedy = target.generate(prompt, 5, top_k=1)
+    with torch.no_grad():
+        assert torch.equal(target(greedy[:, :-1])[:, 4:].argmax(-1), greedy[:, 5:])
+    with pytest.raises(ValueError, match="positions"):
+        target.generate(prompt, target.cfg.block_size)
+    with pytest.raises(TypeError, match="converted model"):
+        gpt2_to_rnn.load_guide("random", n_layer=1, n_embd=64, vocab_size=256).generate(prompt, 1)
+
+
+def test_tiny_preset_as_documented(tmp_path):
+    """`python gpt2_to_rnn.py --preset=tiny`: generated text, one token per byte, offline."""
+    run(["--preset=tiny", "--out_dir=out", "--cache_dir=cache"], cwd=tmp_path)
+    res = read_results(tmp_path / "out")
+    assert res["status"] == "done" and len(res["stages"]) == 2
+    assert res["metric"]["value"] < res["guide_metric"] / 10
+    assert res["test_ppl"]["target"] < res["test_ppl"]["guide"] / 10
+
+
+def test_gpt2_bpe_ids(bpe_file, monkeypatch):
+    from_flag = gpt2_to_rnn.load_tokenizer("gpt2", bpe_file)
+    monkeypatch.setenv("GPT2_TIKTOKEN_FILE", bpe_file)
+    for enc in (from_flag, gpt2_to_rnn.load_tokenizer("gpt2")):
+        assert enc.encode_ordinary("Hello world") == [15496, 995]
+        assert enc.encode("<|endoftext|>", allowed_special="all") == [50256] and enc.eot_token == 50256
+        assert enc.n_vocab == 50257 and enc.decode([15496, 995]) == "Hello world"
+
+
+def test_token_cache_is_reused_and_rebuilt_when_truncated(tmp_path, bpe_file):
+    import tiktoken
+    import tiktoken.load
+    import numpy as np
+
+    data = write_text_folder(tmp_path / "text", sizes=(20, 6, 6))
+    args = ["--eval_only=guide", "--guide=random", "--n_layer=1", "--n_embd=64", "--tokenizer=gpt2",
+            f"--tokenizer_file={bpe_file}", f"--data={data}", "--cache_dir=cache", f"--seq_len={SEQ_LEN}"]
+    reference = tiktoken.Encoding("reference", pat_str=GPT2_PATTERN, special_tokens={},
+                                  mergeable_ranks=tiktoken.load.load_tiktoken_bpe(bpe_file))
+    expected = {split: [t for line in lines_of(data / f"wiki.{name}.raw") for t in reference.encode(line)]
+                for split, name in [("train", "train"), ("val", "valid"), ("test", "test")]}
+
+    def cached():
+        (folder,) = os.listdir(tmp_path / "cache")
+        assert not [f for f in os.listdir(tmp_path / "cache" / folder) if f.startswith(".tmp-")]
+        return {s: np.fromfile(tmp_path / "cache" / folder / f"{s}.bin", dtype=np.uint16).tolist() for s in expected}
+
+    log = run(args, cwd=tmp_path).stdout
+    assert all(f"tokenized the {s} split" in log for s in expected) and "guide val_ppl" in log
+    assert cached() == expected
+    (folder,) = os.listdir(tmp_path / "cache")
+    train_bin = tmp_path / "cache" / folder / "train.bin"
+    mtime = os.stat(train_bin).st_mtime_ns
+    log = run(args, cwd=tmp_path).stdout
+    assert "reusing the token cache" in log and "tokenized" not in log
+    assert os.stat(train_bin).st_mtime_ns == mtime
+    # A truncated file, and one whose .json is missing (a build that stopped half way), are rebuilt.
+    with open(train_bin, "r+b") as f:
+        f.truncate(os.path.getsize(train_bin) // 2)
+    os.unlink(tmp_path / "cache" / folder / "test.bin.json")
+    log = run(args, cwd=tmp_path).stdout
+    assert "tokenized the train split" in log and "tokenized the test split" in log
+    assert "tokenized the val split" not in log
+    assert cached() == expected
+
+
+def test_guide_matches_transformers_gpt2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, attn_implementation="eager")
+    reference = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # non-trivial biases and LayerNorm parameters too
+        for name, p in reference.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if ".ln_" in name and name.endswith("weight") else 0.0))
+    # Hugging Face's folder (model.safetensors, keys with the `transformer.` prefix) ...
+    reference.save_pretrained(tmp_path / "hf")
+    # ... and the layout of OpenAI's pytorch_model.bin: no prefix, no lm_head, the causal-mask buffers.
+    state = dict(reference.transformer.state_dict())
+    for i in range(2):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    ids = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        for spec in (tmp_path / "hf", tmp_path / "pytorch_model.bin"):
+            guide = gpt2_to_rnn.load_guide(str(spec))
+            assert not guide.training
+            logits = guide(ids)
+            assert logits.shape == (2, 64, 50257)
+            assert (logits - expected).abs().max().item() < 1e-4, spec
+    state.pop("h.1.mlp.c_fc.weight")
+    torch.save(state, tmp_path / "broken.bin")
+    with pytest.raises(SystemExit, match="h.1.mlp.c_fc.weight"):
+        gpt2_to_rnn.load_guide(str(tmp_path / "broken.bin"))
+
+
+def test_pretrained_guide_offline_says_what_to_download(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no connection and nothing cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(SystemExit) as err:
+        gpt2_to_rnn.load_guide("pretrained")
+    message = str(err.value.code)
+    assert "https://huggingface.co/openai-community/gpt2/resolve/main/pytorch_model.bin" in message
+    assert "--guide=/path/to/pytorch_model.bin" in message and "HF_HOME" in message
+
+
+def test_windows_resume_exactly_and_are_windows_of_the_stream():
+    tokens = torch.randperm(5000).numpy().astype("uint16")  # every value once: a window pins its start
+    stream = gpt2_to_rnn.Windows(tokens, 4, SEQ_LEN, seed=1, rank=0)
+    first = [next(stream) for _ in range(3)]
+    state = stream.state_dict()
+    rest = [next(stream) for _ in range(2)]
+    resumed = gpt2_to_rnn.Windows(tokens, 4, SEQ_LEN, seed=1, rank=0)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(rest, [next(resumed) for _ in range(2)]))
+    other_rank = gpt2_to_rnn.Windows(tokens, 4, SEQ_LEN, seed=1, rank=1)
+    assert not torch.equal(next(other_rank), first[0])
+    for batch in first + rest:
+        assert batch.shape == (4, SEQ_LEN + 1) and batch.dtype == torch.int64
+        for row in batch.tolist():
+            start = tokens.tolist().index(row[0])
+            assert row == tokens[start:start + SEQ_LEN + 1].tolist()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data=no/such/folder"], "--data=no/such/folder: expected wikitext-103, generated, or a folder"),
+    (["--data=missing_test"], "wiki.test.raw' is missing"),
+    (["--data=empty_file"], "wiki.valid.raw' is empty"),
+    (["--data=blank_text"], "the val split of 'blank_text' holds no text"),
+    (["--n_layres=3"], "unknown config key 'n_layres'; valid keys:"),
+    (["--tokenizer=gpt2", "--tokenizer_file=missing.tiktoken"], "tokenizer file 'missing.tiktoken' does not exist"),
+    (["--tokenizer=gpt2", "--tokenizer_file=words.txt"], "tokenizer file 'words.txt' is not in tiktoken's format"),
+    (["--tokenizer=gpt2", "--tokenizer_file=small.tiktoken"], "holds 2 BPE ranks, not GPT-2's 50256"),
+    (["--tokenizer_file=small.tiktoken"], "use it with --tokenizer=gpt2"),
+    (["--tokenizer=gpt2", "--guide=no_weights.bin"], "--guide=no_weights.bin: expected pretrained, random"),
+    (["--guide=pretrained"], "reads GPT-2's BPE tokens"),
+])
+def test_bad_input_stops_with_a_message_and_writes_nothing(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GPT2_TIKTOKEN_FILE", raising=False)
+    write_text_folder(tmp_path / "missing_test").joinpath("wiki.test.raw").unlink()
+    write_text_folder(tmp_path / "empty_file").joinpath("wiki.valid.raw").write_text("")
+    write_text_folder(tmp_path / "blank_text").joinpath("wiki.valid.raw").write_text(" \n \n\n")
+    (tmp_path / "words.txt").write_text("hello world\nthis is not a tokenizer\n")
+    (tmp_path / "small.tiktoken").write_text("YQ== 0\nYg== 1\n")
+    with pytest.raises(SystemExit) as err:
+        gpt2_to_rnn.main([*FAST, "--out_dir=out", "--cache_dir=cache", *args])
+    assert message in str(err.value.code) and str(err.value.code).startswith("error: ")
+    assert not (tmp_path / "out").exists()
+    # The token cache holds only complete files: no temporary file, no .bin without its .json.
+    for folder, _, files in os.walk(tmp_path / "cache"):
+        assert not [f for f in files if f.startswith(".tmp-")]
+        assert {f for f in files if f.endswith(".bin")} == {f[:-5] for f in files if f.endswith(".json")}
+
+
+def test_bad_value_on_the_command_line(tmp_path):
+    proc = run(["--preset=tiny", "--lr=fast"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "error: --lr=fast: expected a float" in proc.stderr
+    assert "Traceback" not in proc.stderr and os.listdir(tmp_path) == []
