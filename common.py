@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -172,11 +173,12 @@ def rank0_first(load):
 
 def cleanup_distributed():
     if dist.is_initialized():
+        dist.barrier()  # gloo may abort a process that leaves while another still works (rank 0 saving)
         dist.destroy_process_group()
 
 
 def autocast(device, dtype):
-    """bf16 (or fp16) autocast on CUDA; plain float32 on CPU."""
+    """bf16 autocast on CUDA (dtype "bfloat16"; float16 would need loss scaling, so it is not offered); float32 on CPU."""
     if device.type != "cuda" or dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=getattr(torch, dtype))
@@ -273,8 +275,8 @@ def cka(x, y, unbiased=False):
     if unbiased and n < 4:
         raise ValueError(f"cka: the unbiased estimator needs at least 4 examples, got {n}")
     with torch.autocast(x.device.type, enabled=False):
-        x = x.reshape(n, -1).float()
-        y = y.reshape(n, -1).float()
+        x = _rows(x).float()
+        y = _rows(y).float()
         d1, d2 = x.shape[1], y.shape[1]
         # Gram form costs n^2 (d1 + d2) multiply-adds, feature form n (d1 d2 + d1^2 + d2^2).
         if n * (d1 + d2) <= d1 * d1 + d1 * d2 + d2 * d2:
@@ -282,12 +284,21 @@ def cka(x, y, unbiased=False):
         else:
             xy, xx, yy = _hsic_features(x, y, unbiased)
         # A variance below float32 noise relative to the raw scale counts as constant.
+        # vector_norm reads the activations once; x.square().sum() would first copy them.
         tiny = torch.finfo(torch.float32).tiny
-        floor_x = (1e-6 * x.square().sum()).square().detach() + tiny
-        floor_y = (1e-6 * y.square().sum()).square().detach() + tiny
+        floor_x = (1e-6 * torch.linalg.vector_norm(x.detach()).square()).square() + tiny
+        floor_y = (1e-6 * torch.linalg.vector_norm(y.detach()).square()).square() + tiny
         degenerate = (xx <= floor_x) | (yy <= floor_y)
         value = xy / torch.sqrt(xx.clamp_min(floor_x) * yy.clamp_min(floor_y))
         return torch.where(degenerate, torch.zeros_like(value), value)
+
+
+def _rows(x):
+    # One row per example. CKA does not depend on the order of an example's features, so a channels_last
+    # feature map is flattened in its memory order (a view) rather than copied into the logical order.
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)
+    return x.reshape(x.shape[0], -1)
 
 
 def _center_gram(k):
@@ -514,8 +525,9 @@ def image_data(cfg, interpolation="bilinear"):
     if cfg["data_dir"]:
         train_set, val_set = image_folders(cfg["data_dir"], cfg["image_size"], interpolation)
         return train_set, val_set, len(train_set.classes)
+    # The generated data set is the same for every --seed: seeds vary the runs, not the task.
     train_set, val_set = synthetic_images(cfg["synthetic_train"], cfg["synthetic_val"], cfg["num_classes"],
-                                          cfg["image_size"], seed=cfg["seed"])
+                                          cfg["image_size"], seed=0)
     return train_set, val_set, cfg["num_classes"]
 
 
@@ -634,30 +646,41 @@ def lr_at(step, steps, peak, warmup):
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def write_json(path, obj):
-    """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+# Dense bf16 peak FLOP/s by a part of the name torch.cuda.get_device_name reports; the first match wins.
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device):
+    """The bf16 peak FLOP/s of the card in use, for MFU; None on CPU and on cards not in PEAK_FLOPS."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for part, flops in PEAK_FLOPS if part in name), None)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path`, renamed onto it when the block succeeds: a crash leaves the old file or
+    the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                               suffix=os.path.splitext(path)[1])
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_checkpoint(path):
@@ -715,11 +738,16 @@ class Task:
     inputs(batch): the model input of a batch, fed to guide and hybrid during alignment.
     evaluate(model): the task metric on the validation set, all ranks together.
     metric: its name, e.g. "top1" or "val_ppl".
+    lower_is_better: the metric's direction (perplexity: True), for the validation-selected result.
+    flops_per_example(model): training FLOPs (forward and backward) of one example, for the model FLOPs
+        utilization (MFU) in the task phases' log lines; None: no MFU.
     """
     loss: Callable
     inputs: Callable
     evaluate: Callable
     metric: str
+    lower_is_better: bool = False
+    flops_per_example: Callable = None
 
 
 def total_grad_steps(stages, train_steps):
@@ -745,7 +773,7 @@ def plan_phases(method, stages, train_steps):
 
 
 # Settings a resumed run may change: they do not alter what the run computes (paths may differ between machines).
-RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "workers", "tokenizer_file", "cache_dir"}
+RESUMABLE_CHANGES = {"resume", "log_interval", "ckpt_interval", "workers", "tokenizer_file", "cache_dir", "compile"}
 
 
 def check_out_dir(cfg):
@@ -763,7 +791,8 @@ def convert(guide, stages, task, batches, cfg, ctx, train_steps, log=print):
 
     cfg keys used: method, out_dir, resume, eval_guide, optimizer, lr, weight_decay,
     warmup_steps, grad_clip, cka_scope, cka_unbiased, dtype, log_interval,
-    eval_interval, ckpt_interval. Rank 0 keeps the checkpoint in
+    eval_interval, ckpt_interval, compile, and shard where a script offers it
+    (FSDP instead of DDP in the task phases). Rank 0 keeps the checkpoint in
     out_dir/ckpt.pt and the results in out_dir/results.json.
 
     Alignment (per stage): the hybrid runs in eval mode (frozen BatchNorm keeps
@@ -780,7 +809,7 @@ def convert(guide, stages, task, batches, cfg, ctx, train_steps, log=print):
     guide.eval().requires_grad_(False)
     hybrid = copy.deepcopy(guide)
     # Where the run is; saved whole in every checkpoint. `applied`: stages swapped into the hybrid.
-    state = {"phase": 0, "step": 0, "applied": 0, "grad_steps": 0, "records": [], "recent_cka": [],
+    state = {"phase": 0, "step": 0, "applied": 0, "grad_steps": 0, "records": [], "recent_cka": [], "evals": [],
              "guide_metric": None}
     optimizer_state = None
     if cfg["resume"]:
@@ -835,6 +864,7 @@ def convert(guide, stages, task, batches, cfg, ctx, train_steps, log=print):
         write_results(cfg, state, task, None, "running", ctx)
 
     final = task.evaluate(hybrid)
+    state["evals"].append([state["grad_steps"], final])
     log(f"final {task.metric} {final:.4f} after {state['grad_steps']} gradient steps")
     return hybrid, write_results(cfg, state, task, final, "done", ctx)
 
@@ -872,7 +902,7 @@ def _align_phase(guide, hybrid, si, stage, task, batches, cfg, ctx, state, optim
             log(f"stage {si + 1} align step {step + 1}/{stage.align_steps} | loss {1 - sum(values) / len(values):.4f}"
                 f" | cka {_fmt_cka(dict(zip(guide_names, values)))} | lr {lr:.2e} | {dt * 1000:.1f} ms/step | "
                 f"{x.shape[0] * ctx.world / dt:.0f} samples/s")
-        _maybe_save(step, stage.align_steps, ckpt_path, hybrid, opt, batches, cfg, ctx, state)
+        _maybe_save(step, stage.align_steps, ckpt_path, hybrid, opt.state_dict, batches, cfg, ctx, state)
     # A stage's final CKA: the mean over its last (up to) 10 alignment steps.
     if recent:
         state["records"][si]["cka"] = {n: sum(v[i] for v in recent) / len(recent) for i, n in enumerate(guide_names)}
@@ -899,13 +929,33 @@ def align_step(guide, hybrid, compare, x, opt, params, cfg, device):
 def _task_phase(hybrid, label, steps, peak_lr, warmup, is_final, task, batches, cfg, ctx, state, optimizer_state,
                 ckpt_path, log):
     hybrid.train().requires_grad_(True)
-    model = hybrid
-    if ctx.world > 1:
+    # `trained`: the hybrid itself, or (resnet18_to_mlp.py's --shard) a copy sharded over the processes.
+    sharded = cfg.get("shard", False) and ctx.world > 1
+    trained = _shard(copy.deepcopy(hybrid)) if sharded else hybrid
+    # Compiled for the final training only: each stage's fine-tuning is short and meets a new architecture
+    # (a compilation each), and alignment stops its forward passes by raising from hooks.
+    model = torch.compile(trained) if is_final and cfg["compile"] else trained
+    if ctx.world > 1 and not sharded:
         model = nn.parallel.DistributedDataParallel(
-            hybrid, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    opt = make_optimizer(hybrid.parameters(), cfg["optimizer"], peak_lr, cfg["weight_decay"], ctx.device)
-    if optimizer_state is not None:
+            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    opt = make_optimizer(trained.parameters(), cfg["optimizer"], peak_lr, cfg["weight_decay"], ctx.device)
+    opt_state = opt.state_dict
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+
+        # Checkpoints hold the whole hybrid and the whole optimizer state, as unsharded runs do.
+        def gathered_state():
+            _copy_shards(trained, hybrid)
+            return get_optimizer_state_dict(trained, opt, options=StateDictOptions(full_state_dict=True))
+
+        opt_state = gathered_state
+        if optimizer_state is not None:
+            set_optimizer_state_dict(trained, opt, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    elif optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
+    flops = task.flops_per_example(hybrid) if task.flops_per_example else None
+    peak = peak_flops(ctx.device)
     t0, logged = time.time(), state["step"]
     for step in range(state["step"], steps):
         lr = lr_at(step, steps, peak_lr, warmup)
@@ -916,26 +966,59 @@ def _task_phase(hybrid, label, steps, peak_lr, warmup, is_final, task, batches, 
             loss = task.loss(model, batch)
         loss.backward()
         if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(hybrid.parameters(), cfg["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         state["grad_steps"] += 1
         if (step + 1) % cfg["log_interval"] == 0 or step + 1 == steps:
             dt = (time.time() - t0) / (step + 1 - logged)
             t0, logged = time.time(), step + 1
-            n = task.inputs(batch).shape[0] * ctx.world
+            n = task.inputs(batch).shape[0]
+            mfu = ""
+            if flops:  # nanoGPT's model FLOPs utilization: this process's FLOP/s over its card's peak
+                mfu = f" | mfu {100 * flops * n / dt / peak:.1f}%" if peak else " | mfu n/a"
             log(f"{label} step {step + 1}/{steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                f"{dt * 1000:.1f} ms/step | {n / dt:.0f} samples/s")
-        _maybe_save(step, steps, ckpt_path, hybrid, opt, batches, cfg, ctx, state)
+                f"{dt * 1000:.1f} ms/step | {n * ctx.world / dt:.0f} samples/s{mfu}")
+        _maybe_save(step, steps, ckpt_path, hybrid, opt_state, batches, cfg, ctx, state)
         if is_final and cfg["eval_interval"] and (step + 1) % cfg["eval_interval"] == 0 and step + 1 < steps:
-            log(f"{label} step {step + 1}/{steps} | {task.metric} {task.evaluate(hybrid):.4f}")
+            if sharded:
+                _copy_shards(trained, hybrid)
+            state["evals"].append([state["grad_steps"], task.evaluate(hybrid)])
+            log(f"{label} step {step + 1}/{steps} | {task.metric} {state['evals'][-1][1]:.4f}")
+    if sharded:
+        _copy_shards(trained, hybrid)
 
 
-def _maybe_save(step, steps, path, hybrid, opt, batches, cfg, ctx, state):
+def _shard(model):
+    """Shard model over all processes with FSDP (fully_shard): each Linear is a unit of its own (the low-rank maps
+    hold nearly all the weights), the rest is the root's. Weights, gradients and optimizer state are then split
+    over the processes; each unit's weights are gathered only while it computes."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    return fully_shard(model)
+
+
+@torch.no_grad()
+def _copy_shards(sharded, hybrid):
+    """Put the sharded copy's weights, gathered, into the plain hybrid, with rank 0's buffers (BatchNorm
+    statistics), which DDP would have broadcast."""
+    params = dict(hybrid.named_parameters())
+    for name, p in sharded.named_parameters():
+        params[name].copy_(p.full_tensor())
+    buffers = dict(hybrid.named_buffers())
+    for name, b in sharded.named_buffers():
+        dist.broadcast(b, 0)
+        buffers[name].copy_(b)
+
+
+def _maybe_save(step, steps, path, hybrid, opt_state, batches, cfg, ctx, state):
     # Phase ends are saved by the schedule itself; mid-phase every ckpt_interval steps.
     if (step + 1) % cfg["ckpt_interval"] == 0 and step + 1 < steps:
         state["step"] = step + 1
-        _save(path, hybrid, opt, batches, cfg, ctx, state)
+        _save(path, hybrid, opt_state, batches, cfg, ctx, state)
 
 
 def _rng_state():
@@ -958,8 +1041,13 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state(torch.frombuffer(bytearray(state["cuda"]), dtype=torch.uint8))
 
 
-def _save(path, hybrid, opt, batches, cfg, ctx, state):
-    """The one checkpoint dict: where the run is, the hybrid, the phase's optimizer, the data position, every rank's RNG."""
+def _save(path, hybrid, opt_state, batches, cfg, ctx, state):
+    """The one checkpoint dict: where the run is, the hybrid, the phase's optimizer, the data position, every rank's RNG.
+
+    opt_state: None between phases, else a function returning the optimizer's state dict, called on every
+    process (a sharded optimizer gathers its state).
+    """
+    optimizer = opt_state() if opt_state is not None else None
     rngs = [None] * ctx.world
     if dist.is_initialized():
         dist.all_gather_object(rngs, _rng_state())
@@ -967,14 +1055,264 @@ def _save(path, hybrid, opt, batches, cfg, ctx, state):
         rngs = [_rng_state()]
     if ctx.master:
         save_atomic({"config": cfg, "state": state, "model": hybrid.state_dict(),
-                     "optimizer": opt.state_dict() if opt is not None else None,
+                     "optimizer": optimizer,
                      "batches": batches.state_dict(), "rng": rngs}, path)
 
 
 def write_results(cfg, state, task, final, status, ctx):
-    """results.json: config, per-stage records, the final metric and the gradient-step count."""
-    results = {"status": status, "config": cfg, "guide_metric": state["guide_metric"], "stages": state["records"],
-               "metric": {"name": task.metric, "value": final}, "grad_steps": state["grad_steps"]}
+    """results.json: config, per-stage records, the final (and validation-selected) metric, the gradient steps."""
+    # "script" names the conversion for `python common.py report`; torchrun keeps the script as argv[0] too.
+    # "evals": (gradient step, metric) of the final training's validations; "best" selects among them.
+    evals = state["evals"]
+    best = (min if task.lower_is_better else max)(evals, key=lambda e: e[1]) if evals else None
+    results = {"script": os.path.basename(sys.argv[0]), "status": status, "config": cfg,
+               "guide_metric": state["guide_metric"], "stages": state["records"],
+               "metric": {"name": task.metric, "value": final}, "grad_steps": state["grad_steps"],
+               "evals": evals, "best": {"value": best[1], "step": best[0]} if best else None}
     if ctx.master:
         write_json(os.path.join(cfg["out_dir"], "results.json"), results)
     return results
+
+
+# -----------------------------------------------------------------------------
+# report: python common.py report RUN_DIR... [--out=DIR] [--select=final|best]
+
+# Settings that never make two runs incomparable: the seed, where files go, how often the run logs.
+_NOT_COMPARED = RESUMABLE_CHANGES | {"seed", "out_dir", "eval_interval", "eval_only", "preset", "guide", "method"}
+# Table 1's columns after "Guide": (method, trained guide? (None: no guide)) and their headings.
+_COLUMNS = [(("not", True), "NoT (trained)"), (("not", False), "NoT (untrained)"),
+            (("naive", True), "Naive (trained)"), (("naive", False), "Naive (untrained)"),
+            (("scratch", None), "Scratch")]
+
+
+_RESULTS_KEYS = {"script", "status", "config", "guide_metric", "stages", "metric", "grad_steps"}
+
+
+def read_runs(run_dirs, say=print):
+    """The finished runs among run_dirs as dicts; what cannot be read, or is still running, is said and skipped."""
+    runs = []
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "results.json")
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except FileNotFoundError:
+            say(f"skipped {path}: missing")
+            continue
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            say(f"skipped {path}: not valid JSON (truncated?)")
+            continue
+        if not isinstance(results, dict) or not _RESULTS_KEYS <= set(results):
+            say(f"skipped {path}: not a results.json of these scripts")
+            continue
+        if results.get("status") != "done":
+            say(f"in progress: {run_dir} ({len(results.get('stages', []))} stages recorded)")
+            continue
+        results["dir"] = run_dir
+        runs.append(results)
+    return runs
+
+
+def _mean_se(values):
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None, 1
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values)), len(values)
+
+
+def _fmt(cell):
+    if cell is None:
+        return ""
+    mean, se, n = cell
+    return f"{mean:.2f} (n=1)" if se is None else f"{mean:.2f} ± {se:.2f} (n={n})"
+
+
+def _group(runs, not_compared):
+    """{(script, the settings compared, as JSON): runs}."""
+    groups = {}
+    for run in runs:
+        compared = {k: v for k, v in run["config"].items() if k not in not_compared}
+        groups.setdefault((run["script"], json.dumps(compared, sort_keys=True)), []).append(run)
+    return groups
+
+
+def _value(run, select):
+    """A run's result: its final metric, or (select="best") the best of its validations during final training."""
+    if select == "final":
+        return run["metric"]["value"]
+    return run["best"]["value"] if run.get("best") else None
+
+
+def table_rows(runs, select="final"):
+    """Rows of Table 1: one per conversion and distinct setting, runs averaged over seeds only.
+
+    Besides the columns, "NoT - naive (trained)" and "(untrained)": the difference of the two arms paired by
+    seed (same seed, same guide kind), mean and standard error over the pairs.
+
+    Each row: {"script", "metric", "settings" (what sets it apart from other rows of the same script),
+    "runs", "guide": cell, heading: cell, ...}, a cell being (mean, standard error or None, number of seeds).
+    """
+    groups = _group(runs, _NOT_COMPARED)
+    rows = []
+    for (script, compared), members in sorted(groups.items()):
+        siblings = [json.loads(c) for s, c in groups if s == script]
+        mine = json.loads(compared)
+        differ = sorted({k for other in siblings for k in set(other) | set(mine) if other.get(k) != mine.get(k)})
+        row = {"script": script, "metric": members[0]["metric"]["name"], "runs": members,
+               "settings": ", ".join(f"{k}={mine.get(k)}" for k in differ)}
+        trained = [r["guide_metric"] for r in members
+                   if r["config"]["guide"] != "random" and r["guide_metric"] is not None]
+        row["guide"] = _mean_se(trained)
+        arms = {}
+        for run in members:
+            value = _value(run, select)
+            if value is not None:
+                method = run["config"]["method"]
+                arm = (method, None if method == "scratch" else run["config"]["guide"] != "random")
+                arms.setdefault(arm, {})[run["config"]["seed"]] = value
+        for arm, heading in _COLUMNS:
+            if arm in arms:
+                row[heading] = _mean_se(list(arms[arm].values()))
+        for is_trained, heading in ((True, "NoT - naive (trained)"), (False, "NoT - naive (untrained)")):
+            ours, theirs = arms.get(("not", is_trained), {}), arms.get(("naive", is_trained), {})
+            pairs = [ours[seed] - theirs[seed] for seed in sorted(set(ours) & set(theirs))]
+            if pairs:
+                row[heading] = _mean_se(pairs)
+        rows.append(row)
+    return rows
+
+
+_PAIRED = ["NoT - naive (trained)", "NoT - naive (untrained)"]
+
+
+def report(run_dirs, out_dir=".", select="final", say=print):
+    """Print Table 1 from run folders, write it as table.md and table.csv, and one Figure 1 PNG per conversion.
+
+    select: "final" (the metric at the end of training) or "best" (the best validation during final training:
+    early stopping; on the image scripts the validation set is also the test set, so this flatters every arm).
+    """
+    if select not in ("final", "best"):
+        raise ConfigError(f"--select={select}: expected final or best")
+    runs = read_runs(run_dirs, say)
+    rows = table_rows(runs, select)
+    order = [h for _, h in _COLUMNS] + _PAIRED
+    headings = ["Guide"] + sorted({h for h in order if any(h in r for r in rows)}, key=order.index)
+    lines = ["| conversion | metric | settings | " + " | ".join(headings) + " |",
+             "|" + "---|" * (3 + len(headings))]
+    csv = ["conversion,metric,settings,column,mean,standard_error,seeds"]
+    for row in rows:
+        cells = [row["guide"]] + [row.get(h) for h in headings[1:]]
+        lines.append(f"| {row['script']} | {row['metric']} | {row['settings']} | "
+                     + " | ".join(_fmt(c) for c in cells) + " |")
+        for heading, cell in zip(headings, cells):
+            if cell is not None:
+                se = "" if cell[1] is None else f"{cell[1]:.10g}"
+                csv.append(f"{row['script']},{row['metric']},\"{row['settings']}\",{heading},{cell[0]:.10g},{se},{cell[2]}")
+    os.makedirs(out_dir, exist_ok=True)
+    table = "\n".join(lines) + "\n"
+    say(table)
+    for name, text in (("table.md", table), ("table.csv", "\n".join(csv) + "\n")):
+        with atomic_path(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
+            f.write(text)
+    # One figure per conversion and setting, forward and reverse order together.
+    figures = _group(runs, _NOT_COMPARED | {"order"})
+    for i, ((script, _), members) in enumerate(sorted(figures.items())):
+        several = sum(s == script for s, _ in figures) > 1
+        path = os.path.join(out_dir, f"figure1-{os.path.splitext(script)[0]}" + (f"-{i}" if several else "") + ".png")
+        if plot_stages(members, path):
+            say(f"wrote {path}")
+
+
+def stage_curves(runs):
+    """Figure 1's data: {label: [(stage, mean metric over seeds)]} for NoT runs, {label: value} for the baselines.
+
+    Stage 0 is the guide; stage k the hybrid after the k-th stage (after its task fine-tuning); one more
+    point, after the last stage, is the target after its final training.
+    """
+    curves, lines = {}, {}
+    for run in runs:
+        guide = "untrained" if run["config"]["guide"] == "random" else "trained"
+        name = run["metric"]["name"]
+        if run["config"]["method"] == "not":
+            label = f"NoT {run['config']['order']}, {guide} guide"
+            points = [(0, run["guide_metric"])] if run["guide_metric"] is not None else []
+            points += [(s["stage"], s[name]) for s in run["stages"] if name in s]
+            points.append((len(run["stages"]) + 1, run["metric"]["value"]))
+            curves.setdefault(label, []).append(dict(points))
+        else:
+            lines.setdefault(f"{run['config']['method']}, {guide} guide", []).append(run["metric"]["value"])
+    mean_curves = {}
+    for label, per_seed in curves.items():
+        stages = sorted(set().union(*per_seed))
+        mean_curves[label] = [(k, sum(p[k] for p in per_seed if k in p) / sum(k in p for p in per_seed))
+                              for k in stages]
+    return mean_curves, {label: sum(v) / len(v) for label, v in lines.items()}
+
+
+def plot_stages(runs, path, size=(900, 560)):
+    """Draw Figure 1 (metric after each stage; baselines as dashed lines) as a PNG; False when there is nothing to draw."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    curves, lines = stage_curves(runs)
+    if not curves:
+        return False
+    values = [v for c in curves.values() for _, v in c] + list(lines.values())
+    low, high = min(values), max(values)
+    margin = max(high - low, 1e-6) * 0.05
+    low, high = low - margin, high + margin
+    stages = max(k for c in curves.values() for k, _ in c)
+    left, right, top, bottom = 80, 250, 50, 60
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=14)
+
+    def xy(stage, value):
+        x = left + (width - left - right) * stage / max(stages, 1)
+        y = height - bottom - (height - top - bottom) * (value - low) / (high - low)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(5):
+        value = low + (high - low) * i / 4
+        _, y = xy(0, value)
+        draw.line([left - 5, y, left, y], fill="black")
+        draw.text((5, y - 7), f"{value:.4g}", fill="black", font=font)
+    for k in range(stages + 1):
+        x, _ = xy(k, low)
+        draw.line([x, height - bottom, x, height - bottom + 5], fill="black")
+        draw.text((x - 4, height - bottom + 8), "final" if k == stages else str(k), fill="black", font=font)
+    draw.text((left, 15), f"{runs[0]['script']}: {runs[0]['metric']['name']} after each stage (stage 0: the guide)",
+              fill="black", font=font)
+    draw.text((left + (width - left - right) // 2 - 60, height - 25), "stage (final: after end-to-end training)",
+              fill="black", font=font)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    legend_y = top
+    for color, (label, points) in zip(palette, sorted(curves.items())):
+        draw.line([xy(k, v) for k, v in points], fill=color, width=3)
+        for k, v in points:
+            x, y = xy(k, v)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        draw.line([width - right + 15, legend_y + 8, width - right + 40, legend_y + 8], fill=color, width=3)
+        draw.text((width - right + 45, legend_y), label, fill="black", font=font)
+        legend_y += 22
+    for color, (label, value) in zip(palette[len(curves):] + palette, sorted(lines.items())):
+        _, y = xy(0, value)
+        for x in range(left, width - right, 16):
+            draw.line([x, y, min(x + 8, width - right), y], fill=color, width=2)
+        draw.line([width - right + 15, legend_y + 8, width - right + 40, legend_y + 8], fill=color, width=2)
+        draw.text((width - right + 45, legend_y), label + " (final)", fill="black", font=font)
+        legend_y += 22
+    with atomic_path(path) as tmp:
+        image.save(tmp, "PNG")
+    return True
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] != "report":
+        sys.exit("usage: python common.py report RUN_DIR... [--out=DIR] [--select=final|best]")
+    options = parse_config({"out": ".", "select": "final"}, [a for a in sys.argv[2:] if a.startswith("--")])
+    report([a for a in sys.argv[2:] if not a.startswith("--")], options["out"], options["select"])

@@ -72,6 +72,11 @@ Decisions the paper leaves open (and the config key to change each):
   augmentation (RandomResizedCrop and flip). The naive baseline trains for
   exactly as many gradient steps as NoT took in all. No dropout or stochastic
   depth anywhere.
+- On CUDA the runs use bf16 autocast, TF32, fused AdamW and DataLoader
+  workers with pinned memory. `--compile=True` puts the final training's model
+  through torch.compile. Not the per-stage fine-tuning (short, and each stage
+  meets a new architecture: a compilation each), nor alignment (its forward
+  passes stop by raising from hooks, which compiled code does not support).
 """
 import math
 import os
@@ -133,6 +138,7 @@ device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast dtype on CUDA ("float32" to turn autocast off); CPU always runs float32
 workers = 8  # DataLoader processes per GPU
 seed = 0
+compile = False  # torch.compile the model of the final training (see the docstring)
 preset = ""  # "tiny": the whole conversion on CPU in under two minutes
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
@@ -368,6 +374,24 @@ def build_target(arch, token_mlp_width):
     return model
 
 
+def make_stages(cfg, guide, example):
+    """One stage per block's attention, in cfg["order"]; `example`, one input image [1, 3, S, S], gives the shapes."""
+    names = [f"blocks.{i}.attn" for i in range(guide.cfg.depth)]
+    if cfg["order"] == "reverse":
+        names = names[::-1]
+    shapes = common.io_shapes(guide, example, names)
+
+    def attention_stage(name):
+        def swap(hybrid):
+            common.replace(hybrid, name, TokenMLP(guide.cfg.embed_dim, cfg["token_mlp_width"]), *shapes[name])
+
+        return common.Stage(swap, compare=[(name, name)], train=[name], align_steps=cfg["align_steps"],
+                            align_lr=cfg["align_lr"], finetune_steps=cfg["finetune_steps"],
+                            finetune_lr=cfg["finetune_lr"])
+
+    return [attention_stage(name) for name in names]
+
+
 def load_target(path):
     """The converted model saved by a run (out_dir/target.pt), in eval mode."""
     saved = common.load_checkpoint(path)
@@ -381,7 +405,7 @@ def load_target(path):
 def check_config(cfg):
     common.check_choices(cfg, {"method": ("not", "naive"), "order": ("forward", "reverse"),
                                "cka_scope": ("global", "local"), "optimizer": ("adamw", "sgd"),
-                               "device": ("auto", "cuda", "cpu"), "dtype": ("bfloat16", "float16", "float32"),
+                               "device": ("auto", "cuda", "cpu"), "dtype": ("bfloat16", "float32"),
                                "head_layers": (4, 1)})
     for key in ("embed_dim", "depth", "patch_size", "token_mlp_width", "batch_size", "image_size", "num_classes",
                 "log_interval", "ckpt_interval"):
@@ -431,24 +455,7 @@ def main(argv):
     guide_model = get_guide()
     batches = common.Batches(train_set, per_rank, cfg["seed"], ctx.rank, ctx.world, cfg["workers"], pin)
 
-    # the schedule: one block's attention per stage
-    names = [f"blocks.{i}.attn" for i in range(guide_model.cfg.depth)]
-    if cfg["order"] == "reverse":
-        names = names[::-1]
-
-    example = val_set[0][0].unsqueeze(0).to(ctx.device)
-    shapes = common.io_shapes(guide_model, example, names)
-
-    def attention_stage(name):
-        def swap(hybrid):
-            common.replace(hybrid, name, TokenMLP(guide_model.cfg.embed_dim, cfg["token_mlp_width"]), *shapes[name])
-
-        return common.Stage(swap, compare=[(name, name)], train=[name], align_steps=cfg["align_steps"],
-                            align_lr=cfg["align_lr"], finetune_steps=cfg["finetune_steps"],
-                            finetune_lr=cfg["finetune_lr"])
-
-    stages = [attention_stage(name) for name in names]
-
+    stages = make_stages(cfg, guide_model, val_set[0][0].unsqueeze(0).to(ctx.device))
     train_steps = cfg["epochs"] * len(batches)
     t0 = time.time()
     target, results = common.convert(guide_model, stages, task, batches, cfg, ctx, train_steps, log)

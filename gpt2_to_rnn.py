@@ -78,6 +78,14 @@ Decisions the paper leaves open (and the config key to change each):
 - A random guide uses GPT-2's initialization (normal 0.02, residual
   projections scaled by 1/sqrt(2 * n_layer)); heads are 64 wide, as in every
   released GPT-2 (so weights files need no head count).
+- On CUDA the runs use bf16 autocast, TF32 and fused AdamW. `--compile=True`
+  puts the final training's model through torch.compile. Not the per-stage
+  fine-tuning (short, and each stage meets a new architecture: a compilation
+  each), nor alignment (its forward passes stop by raising from hooks, which
+  compiled code does not support).
+  The task phases' log lines report MFU as nanoGPT estimates it (6 N + 12 L H
+  Q T FLOPs per token, L counting only the attention layers left) against the
+  bf16 peak of the card in use (common.PEAK_FLOPS; "n/a" on CPU and others).
 """
 import hashlib
 import itertools
@@ -139,6 +147,7 @@ ckpt_interval = 1000
 device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast dtype on CUDA ("float32" to turn autocast off); CPU always runs float32
 seed = 0
+compile = False  # torch.compile the model of the final training (see the docstring)
 preset = ""  # "tiny": the whole conversion on CPU in under two minutes
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
@@ -375,6 +384,36 @@ def build_target(arch):
     return model
 
 
+def flops_per_window(model, seq_len):
+    """Training FLOPs (forward and backward) of one window of seq_len tokens, as nanoGPT estimates them.
+
+    6 N per token for the N weights it multiplies (all but the position embedding; the RNNs' included),
+    plus 12 L H Q T for the attention of its L attention layers (H heads of Q dimensions over T tokens).
+    """
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    attention_layers = sum(isinstance(block.attn, CausalSelfAttention) for block in model.transformer.h)
+    return (6 * n + 12 * attention_layers * model.cfg.n_embd * seq_len) * seq_len
+
+
+def make_stages(cfg, guide):
+    """One stage per block's attention, in cfg["order"]."""
+    width = guide.cfg.n_embd
+    names = [f"transformer.h.{i}.attn" for i in range(guide.cfg.n_layer)]
+    if cfg["order"] == "reverse":
+        names = names[::-1]
+
+    def attention_stage(name):
+        def swap(hybrid):
+            # Both mixers map [B, T, C] to token rows [B*T, C]; replace() checks the RNN does.
+            common.replace(hybrid, name, RNNMixer(width), (cfg["seq_len"], width), (width,))
+
+        return common.Stage(swap, compare=[(name, name)], train=[name], align_steps=cfg["align_steps"],
+                            align_lr=cfg["align_lr"], finetune_steps=cfg["finetune_steps"],
+                            finetune_lr=cfg["finetune_lr"])
+
+    return [attention_stage(name) for name in names]
+
+
 def load_target(path):
     """The converted model saved by a run (out_dir/target.pt), in eval mode."""
     saved = common.load_checkpoint(path)
@@ -602,7 +641,7 @@ def perplexity(model, tokens, seq_len, batch_size, ctx, dtype):
 def check_config(cfg):
     choices = {"method": ("not", "naive"), "order": ("forward", "reverse"), "cka_scope": ("global", "local"),
                "optimizer": ("adamw", "sgd"), "device": ("auto", "cuda", "cpu"),
-               "dtype": ("bfloat16", "float16", "float32"), "tokenizer": ("gpt2", "bytes")}
+               "dtype": ("bfloat16", "float32"), "tokenizer": ("gpt2", "bytes")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise common.ConfigError(f"--{key}={cfg[key]}: expected one of {', '.join(allowed)}")
@@ -677,29 +716,15 @@ def main(argv):
     guide_model = get_guide()
     batches = Windows(tokens["train"], per_rank, cfg["seq_len"], cfg["seed"], ctx.rank)
 
-    # the schedule: one block's attention per stage
-    width = guide_model.cfg.n_embd
-    names = [f"transformer.h.{i}.attn" for i in range(guide_model.cfg.n_layer)]
-    if cfg["order"] == "reverse":
-        names = names[::-1]
-
-    def attention_stage(name):
-        def swap(hybrid):
-            # Both mixers map [B, T, C] to token rows [B*T, C]; replace() checks the RNN does.
-            common.replace(hybrid, name, RNNMixer(width), (cfg["seq_len"], width), (width,))
-
-        return common.Stage(swap, compare=[(name, name)], train=[name], align_steps=cfg["align_steps"],
-                            align_lr=cfg["align_lr"], finetune_steps=cfg["finetune_steps"],
-                            finetune_lr=cfg["finetune_lr"])
-
-    stages = [attention_stage(name) for name in names]
+    stages = make_stages(cfg, guide_model)
 
     def task_loss(model, batch):
         batch = batch.to(ctx.device, non_blocking=True)
         logits = model(batch[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
 
-    task = common.Task(loss=task_loss, inputs=lambda batch: batch[:, :-1], evaluate=evaluate, metric="val_ppl")
+    task = common.Task(loss=task_loss, inputs=lambda batch: batch[:, :-1], evaluate=evaluate, metric="val_ppl",
+                       lower_is_better=True, flops_per_example=lambda model: flops_per_window(model, cfg["seq_len"]))
     t0 = time.time()
     target, results = common.convert(guide_model, stages, task, batches, cfg, ctx, cfg["train_steps"], log)
     # The test split, scored once at the end for the target (and the guide).

@@ -47,6 +47,7 @@ def worker(rank, world, scope, out, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         align(rank, world, scope, out)
+        dist.barrier()  # gloo may abort a process that leaves while the other still runs
     finally:
         dist.destroy_process_group()
 

@@ -1,0 +1,463 @@
+"""
+What Network of Theseus costs and what it buys, for all four conversions, measured side by side in one
+process (in the manner of nanoGPT's bench.py). Writes bench.json and prints a table.
+
+    python bench.py                    # --size=tiny: the presets' models, on CPU, about a minute
+    python bench.py --size=paper       # the paper's models, on a GPU
+    python bench.py --out=PATH         # bench.json elsewhere (default: the current folder)
+
+Every timing is the median of `repeats` runs after `warmup` runs (CUDA synchronized around each).
+1. cka_over_gram: common.cka on ResNet-18's layer1 and layer2 outputs at 224 px for 64 images
+   (64 x 200704 against 64 x 100352) over one plain x @ x.T of the larger, and the peak memory CKA adds
+   beyond its inputs (cka_peak_extra_bytes against cka_input_bytes).
+2. first_over_last_stage: the alignment step (common.align_step) of the first stage over that of the
+   last, same batch; early exit makes early stages cheap.
+3. align_over_train: the mean alignment step over all stages over one training step of the guide
+   (forward, backward, AdamW step) at the same batch.
+4. inference: guide against target: parameters, FLOPs per example, examples per second and peak memory
+   (weights, input and activations) at the bench batch. GPT-2 generates instead: one decoding step at
+   position context - 1 for a batch of sequences, GPT-2 reading a key-value cache of `context` positions,
+   the RNN its state; tokens per second, FLOPs per token and the cache or state bytes per sequence.
+5. scale: ResNet-18 -> MLP at 224 px, parameters and per-GPU training memory (float32 weights and
+   gradients and AdamW's two moments: 16 bytes a parameter, before activations) by rank, DDP (a whole
+   copy per GPU) against sharded over 8 GPUs (resnet18_to_mlp.py --shard=True).
+
+--size=tiny takes each script's tiny preset, except that the two transformers get 12 blocks (their
+presets have 4 and 2) so that the early-exit ratio is about 12-block models; the images of the DINOv2
+rows are 32 and 72 px there (for 224 and 518). --size=paper takes the scripts' defaults with random
+weights (timings do not depend on them) and a batch of 32, one GPU's share of the global 256 on 8 GPUs.
+Peak memory comes from CUDA's allocator on a GPU; on CPU from counting every tensor created while the
+measured code runs, for as long as it lives. FLOPs are counted by torch.utils.flop_counter with
+attention and RNNs in their plain matrix-product forms, which it can see.
+"""
+import copy
+import math
+import statistics
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+import dinov2_to_patchmlp
+import gpt2_to_rnn
+import resnet18_to_mlp
+import resnet50_to_resnet18
+
+# -----------------------------------------------------------------------------
+# config: every name below can be set on the command line as --name=value
+size = "tiny"  # "tiny" (the presets, CPU) or "paper" (the paper's models, a GPU)
+out = "bench.json"
+batch_size = 0  # examples per batch; 0: the preset's at tiny, 32 at paper
+repeats = 10  # timed runs per measurement (the median is reported)
+warmup = 3  # untimed runs before them
+device = "auto"  # "auto", "cuda" or "cpu"
+dtype = "bfloat16"  # autocast dtype on CUDA; CPU always runs float32
+seed = 0
+config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+# -----------------------------------------------------------------------------
+
+CKA_SHAPES = ((64, 64 * 56 * 56), (64, 128 * 28 * 28))  # ResNet-18's layer1 and layer2 outputs, 64 images at 224 px
+CONTEXTS = (128, 512, 1024)
+MLP_RANKS = (256, 512, 1024)
+SHARDS = 8
+BYTES_PER_PARAM = 16  # float32 weight, gradient, and AdamW's two moments
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, repeats, warmup):
+    """The median wall time of fn() in seconds, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class TensorMemory(TorchDispatchMode):
+    """Bytes of the tensors that operations create inside the block, at their peak, each counted while it lives.
+
+    Outputs that share an input's storage (views) are not new memory; a storage counts once.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self.live = set()
+
+    def _free(self, ptr, nbytes):
+        self.live.discard(ptr)
+        self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(result):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes and ptr not in inputs and ptr not in self.live:
+                self.live.add(ptr)
+                self.now += nbytes
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(t, self._free, ptr, nbytes)
+        return result
+
+
+def peak_extra_memory(fn, device):
+    """Bytes that fn() allocates beyond what exists when it starts, at their peak."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with TensorMemory() as memory:
+        fn()
+    return memory.peak
+
+
+def count_flops(fn):
+    """Floating-point operations of fn() (a multiply-add counts 2), attention and RNNs as plain matrix products."""
+    with sdpa_kernel(SDPBackend.MATH), torch.backends.cudnn.flags(enabled=False), \
+            FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())  # tied weights count once
+
+
+def nbytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# the four conversions, built at a size
+
+
+@dataclass
+class Conversion:
+    cfg: dict  # the script's config at this size
+    guide: nn.Module
+    stages: list
+    x: torch.Tensor  # one batch of model input
+    loss: Callable  # loss(model, x): the task loss of the batch (random targets)
+    inference: Callable  # inference(bench): the rows of item 4
+
+
+def script_config(script, size, **tiny_overrides):
+    cfg = dict(script.config)
+    if size == "tiny":
+        cfg.update(script.PRESETS["tiny"], **tiny_overrides)
+    return cfg
+
+
+def classification_loss(num_classes, x):
+    labels = torch.randint(num_classes, (x.shape[0],), device=x.device)
+    return lambda model, x: F.cross_entropy(model(x), labels)
+
+
+def images(batch, image_size, device):
+    return torch.randn(batch, 3, image_size, image_size, device=device)
+
+
+def image_rows(bench, guide, target, x, setting):
+    """Item 4 for an image classifier pair on the batch x."""
+    rows = []
+    for name, model in (("guide", guide), ("target", target)):
+        model = model.to(bench.device).eval()
+
+        @torch.no_grad()
+        def forward(batch=x):
+            with common.autocast(bench.device, bench.dtype):
+                return model(batch)
+
+        seconds = median_time(forward, bench.device, bench.repeats, bench.warmup)
+        rows.append({"model": name, "setting": setting, "params": num_params(model),
+                     "flops_per_example": count_flops(lambda: forward(x[:1])),
+                     "examples_per_s": x.shape[0] / seconds,
+                     "peak_memory_bytes": nbytes(model) + x.nbytes + peak_extra_memory(forward, bench.device)})
+    return rows
+
+
+def resnet18_mlp(bench):
+    cfg = script_config(resnet18_to_mlp, bench.size)
+    classes = cfg["num_classes"] if bench.size == "tiny" else 1000
+    guide = resnet18_to_mlp.load_guide("random", classes).to(bench.device)
+    x = images(bench.batch(cfg), cfg["image_size"], bench.device)
+
+    def inference(bench):
+        target = resnet18_to_mlp.build_target(classes, cfg["image_size"], cfg["rank"])
+        return image_rows(bench, guide, target, x, f"{cfg['image_size']} px, rank {cfg['rank']}")
+
+    return Conversion(cfg, guide, resnet18_to_mlp.make_stages(cfg, guide, x[:1]), x, classification_loss(classes, x),
+                      inference)
+
+
+def resnet50_resnet18(bench):
+    cfg = script_config(resnet50_to_resnet18, bench.size)
+    classes = cfg["num_classes"] if bench.size == "tiny" else 1000
+    guide = resnet50_to_resnet18.load_guide("random", classes).to(bench.device)
+    x = images(bench.batch(cfg), cfg["image_size"], bench.device)
+
+    def inference(bench):
+        return image_rows(bench, guide, torchvision.models.resnet18(num_classes=classes), x, f"{cfg['image_size']} px")
+
+    return Conversion(cfg, guide, resnet50_to_resnet18.make_stages(cfg["order"], classes, cfg), x,
+                      classification_loss(classes, x), inference)
+
+
+def dinov2_patchmlp(bench):
+    cfg = script_config(dinov2_to_patchmlp, bench.size, depth=12)
+    classes = cfg["num_classes"] if bench.size == "tiny" else 1000
+
+    def guide_at(image_size):
+        return dinov2_to_patchmlp.load_guide("random", image_size, cfg["head_layers"], classes, cfg["embed_dim"],
+                                             cfg["depth"], cfg["patch_size"]).to(bench.device)
+
+    guide = guide_at(cfg["image_size"])
+    x = images(bench.batch(cfg), cfg["image_size"], bench.device)
+
+    def inference(bench):
+        rows = []
+        # 224 and 518 px, the second as many patches a side larger at tiny size as 518 is over 224
+        large = 518 if bench.size == "paper" else cfg["patch_size"] * round(518 / 224 * cfg["image_size"] /
+                                                                            cfg["patch_size"])
+        for image_size in (cfg["image_size"], large):
+            model = guide_at(image_size)
+            target = dinov2_to_patchmlp.build_target(model.cfg, cfg["token_mlp_width"])
+            rows += image_rows(bench, model, target, images(x.shape[0], image_size, bench.device), f"{image_size} px")
+        return rows
+
+    return Conversion(cfg, guide, dinov2_to_patchmlp.make_stages(cfg, guide, x[:1]), x,
+                      classification_loss(classes, x), inference)
+
+
+def gpt2_rnn(bench):
+    cfg = script_config(gpt2_to_rnn, bench.size, n_layer=12)
+    vocab = gpt2_to_rnn.ByteTokenizer.n_vocab if cfg["tokenizer"] == "bytes" else 50257
+    guide = gpt2_to_rnn.load_guide("random", cfg["n_layer"], cfg["n_embd"], vocab).to(bench.device)
+    tokens = torch.randint(vocab, (bench.batch(cfg), cfg["seq_len"] + 1), device=bench.device)
+    x = tokens[:, :-1]
+
+    def loss(model, x):
+        return F.cross_entropy(model(x).flatten(0, 1), tokens[:, 1:].flatten())
+
+    def inference(bench):
+        target = gpt2_to_rnn.build_target(guide.cfg).to(bench.device).eval()
+        cache_dtype = getattr(torch, bench.dtype) if bench.device.type == "cuda" else torch.float32
+        rows = []
+        for context in CONTEXTS:
+            pos = context - 1
+            for name, model in (("guide", guide), ("target", target)):
+                if name == "guide":
+                    memory = kv_cache(guide, x.shape[0], context, cache_dtype, bench.device)
+                    step = lambda batch: gpt_cached_step(guide, batch, pos, memory)
+                else:
+                    memory = [torch.zeros(2, x.shape[0], cfg["n_embd"], device=bench.device)
+                              for _ in guide.transformer.h]
+                    step = lambda batch: target.step(batch, pos, [s[:, :batch.shape[0]] for s in memory])
+
+                @torch.no_grad()
+                def decode(batch=x[:, 0]):
+                    with common.autocast(bench.device, bench.dtype):
+                        return step(batch)
+
+                seconds = median_time(decode, bench.device, bench.repeats, bench.warmup)
+                memory_bytes = sum(t.nbytes for t in tree_leaves(memory))
+                rows.append({"model": name, "setting": f"context {context}", "params": num_params(model),
+                             "flops_per_token": count_flops(lambda: decode(x[:1, 0])),
+                             "tokens_per_s": x.shape[0] / seconds,
+                             "memory_per_sequence_bytes": memory_bytes // x.shape[0],
+                             "peak_memory_bytes": (nbytes(model) + memory_bytes
+                                                   + peak_extra_memory(decode, bench.device))})
+        return rows
+
+    return Conversion(cfg, guide, gpt2_to_rnn.make_stages(cfg, guide), x, loss, inference)
+
+
+def kv_cache(model, batch, context, dtype, device):
+    """GPT-2's key-value cache for `context` positions: per block, keys and values [batch, heads, context, 64]."""
+    shape = (batch, model.cfg.n_head, context, model.cfg.n_embd // model.cfg.n_head)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in model.transformer.h]
+
+
+def gpt_cached_step(model, tokens, pos, cache):
+    """GPT-2's logits [B, vocab] after tokens [B] at position pos, reading (and writing) the cache's first pos + 1."""
+    x = (model.transformer.wte(tokens) + model.transformer.wpe.weight[pos])[:, None]
+    B, _, C = x.shape
+    for block, (keys, values) in zip(model.transformer.h, cache):
+        attn = block.attn
+        q, k, v = (t.view(B, 1, attn.n_head, C // attn.n_head).transpose(1, 2)
+                   for t in attn.c_attn(block.ln_1(x)).split(C, dim=2))
+        keys[:B, :, pos], values[:B, :, pos] = k[:, :, 0], v[:, :, 0]
+        y = F.scaled_dot_product_attention(q, keys[:B, :, :pos + 1], values[:B, :, :pos + 1])
+        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(model.transformer.ln_f(x[:, 0]))
+
+
+CONVERSIONS = {"resnet18_to_mlp": resnet18_mlp, "dinov2_to_patchmlp": dinov2_patchmlp, "gpt2_to_rnn": gpt2_rnn,
+               "resnet50_to_resnet18": resnet50_resnet18}
+
+
+# -----------------------------------------------------------------------------
+# measurements
+
+
+@dataclass
+class Bench:
+    size: str
+    device: torch.device
+    dtype: str
+    repeats: int
+    warmup: int
+    batch_size: int
+
+    def batch(self, cfg):
+        return self.batch_size or (cfg["batch_size"] if self.size == "tiny" else 32)
+
+
+def cka_cost(bench):
+    """Item 1: (cka time / x @ x.T time, CKA's peak extra bytes, the inputs' bytes)."""
+    x, y = (torch.randn(shape, device=bench.device) for shape in CKA_SHAPES)
+    ratio = (median_time(lambda: common.cka(x, y), bench.device, bench.repeats, bench.warmup)
+             / median_time(lambda: x @ x.T, bench.device, bench.repeats, bench.warmup))
+    return ratio, peak_extra_memory(lambda: common.cka(x, y), bench.device), x.nbytes + y.nbytes
+
+
+def stage_times(bench, conv):
+    """Item 2 and 3: the median alignment step of each stage, and one training step of the guide."""
+    guide = conv.guide.eval().requires_grad_(False)
+    align_cfg = {"dtype": bench.dtype, "cka_unbiased": conv.cfg["cka_unbiased"], "cka_scope": "local",
+                 "grad_clip": conv.cfg["grad_clip"]}
+    hybrid, times = copy.deepcopy(guide), []
+    for stage in conv.stages:
+        stage.swap(hybrid)
+        hybrid.to(bench.device).eval().requires_grad_(False)
+        params = []
+        for name in stage.train:
+            params += list(common.get_module(hybrid, name).train().requires_grad_(True).parameters())
+        opt = common.make_optimizer(params, "adamw", stage.align_lr, 0.0, bench.device)
+        times.append(median_time(lambda: common.align_step(guide, hybrid, stage.compare, conv.x, opt, params,
+                                                           align_cfg, bench.device),
+                                 bench.device, bench.repeats, bench.warmup))
+
+    model = copy.deepcopy(guide).train().requires_grad_(True)
+    opt = common.make_optimizer(model.parameters(), "adamw", 1e-4, 0.0, bench.device)
+
+    def train_step():
+        with common.autocast(bench.device, bench.dtype):
+            loss = conv.loss(model, conv.x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return times, median_time(train_step, bench.device, bench.repeats, bench.warmup)
+
+
+def mlp_shapes(image_size=224):
+    """Input and output shapes of every convolution of ResNet-18 at image_size px, and its other parameters."""
+    model = torchvision.models.resnet18().eval()
+    names = resnet18_to_mlp.conv_names(model)
+    shapes = common.io_shapes(model, torch.zeros(1, 3, image_size, image_size), names)
+    conv_params = sum(num_params(common.get_module(model, n)) for n in names)
+    return shapes, num_params(model) - conv_params
+
+
+def mlp_params(rank, image_size=224):
+    """Parameters of resnet18_to_mlp.py's target: each convolution Linear(in -> r, no bias) + Linear(r -> out)."""
+    shapes, others = mlp_shapes(image_size)
+    return others + sum(rank * (math.prod(i) + math.prod(o)) + math.prod(o) for i, o in shapes.values())
+
+
+def scale_rows():
+    """Item 5: the MLP's parameters and per-GPU training memory by rank, DDP against sharded."""
+    rows = []
+    for r in MLP_RANKS:
+        params = mlp_params(r)
+        rows.append({"rank": r, "params": params, "ddp_bytes_per_gpu": BYTES_PER_PARAM * params,
+                     "sharded_bytes_per_gpu": BYTES_PER_PARAM * params // SHARDS, "gpus": SHARDS})
+    return rows
+
+
+def main(argv):
+    cfg = common.parse_config(config, argv)
+    common.check_choices(cfg, {"size": ("tiny", "paper"), "device": ("auto", "cuda", "cpu"),
+                               "dtype": ("bfloat16", "float32")})
+    if cfg["repeats"] <= 0 or cfg["warmup"] < 0:
+        raise common.ConfigError(f"--repeats={cfg['repeats']} --warmup={cfg['warmup']}: need at least one timed run "
+                                 f"and no negative warm-up")
+    ctx = common.setup_distributed(cfg["device"])
+    common.seed_everything(cfg["seed"])
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bench = Bench(cfg["size"], ctx.device, cfg["dtype"] if ctx.device.type == "cuda" else "float32",
+                  cfg["repeats"], cfg["warmup"], cfg["batch_size"])
+    device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    print(f"bench --size={bench.size} on {device_name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    ratio, cka_peak, cka_inputs = cka_cost(bench)
+    print(f"cka / x @ x.T {ratio:.2f} | cka peak extra memory {cka_peak / 2**20:.1f} MiB "
+          f"(inputs {cka_inputs / 2**20:.1f} MiB) | shapes {CKA_SHAPES}")
+    results = {"size": bench.size, "device": device_name, "dtype": bench.dtype, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "repeats": bench.repeats, "cka_over_gram": ratio,
+               "cka_peak_extra_bytes": cka_peak, "cka_input_bytes": cka_inputs, "first_over_last_stage": {},
+               "align_over_train": {}, "align_step_s": {}, "train_step_s": {}, "batch": {}, "inference": {}}
+    for name, build in CONVERSIONS.items():
+        conv = build(bench)
+        times, train = stage_times(bench, conv)
+        results["batch"][name] = conv.x.shape[0]
+        results["align_step_s"][name] = times
+        results["train_step_s"][name] = train
+        results["first_over_last_stage"][name] = times[0] / times[-1]
+        results["align_over_train"][name] = statistics.mean(times) / train
+        print(f"{name}: batch {conv.x.shape[0]} | align step first {times[0] * 1e3:.1f} ms, last "
+              f"{times[-1] * 1e3:.1f} ms, mean {statistics.mean(times) * 1e3:.1f} ms over {len(times)} stages | "
+              f"guide train step {train * 1e3:.1f} ms | first/last {times[0] / times[-1]:.2f} | "
+              f"align/train {statistics.mean(times) / train:.2f}")
+        results["inference"][name] = conv.inference(bench)
+        for row in results["inference"][name]:
+            speed = (f"{row['tokens_per_s']:.0f} tokens/s | {row['flops_per_token'] / 1e6:.1f} MFLOP/token | "
+                     f"{row['memory_per_sequence_bytes'] / 2**10:.1f} KiB/sequence" if "tokens_per_s" in row else
+                     f"{row['examples_per_s']:.0f} examples/s | {row['flops_per_example'] / 1e6:.1f} MFLOP/example")
+            print(f"  {row['model']:6} {row['setting']:18} | {row['params'] / 1e6:8.2f} M params | {speed} | "
+                  f"peak {row['peak_memory_bytes'] / 2**20:.1f} MiB")
+        del conv
+    results["scale"] = scale_rows()
+    print(f"resnet18_to_mlp at 224 px: training memory per GPU ({BYTES_PER_PARAM} bytes/param, before activations)")
+    for row in results["scale"]:
+        print(f"  rank {row['rank']:5} | {row['params'] / 1e9:.2f} B params | DDP "
+              f"{row['ddp_bytes_per_gpu'] / 1e9:.1f} GB | sharded over {row['gpus']} "
+              f"{row['sharded_bytes_per_gpu'] / 1e9:.1f} GB")
+    common.write_json(cfg["out"], results)
+    print(f"wrote {cfg['out']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

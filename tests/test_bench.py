@@ -1,0 +1,125 @@
+"""bench.py: it runs at --size=tiny and writes a well-formed bench.json whose non-timing facts are right.
+
+No test here looks at a timing's value.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torchvision
+
+import bench
+import common
+import gpt2_to_rnn
+import resnet18_to_mlp
+from runs import run_script
+
+SCRIPTS = ("resnet18_to_mlp", "dinov2_to_patchmlp", "gpt2_to_rnn", "resnet50_to_resnet18")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    proc = run_script("bench.py", ["--size=tiny", "--repeats=1", "--warmup=0", f"--out={tmp / 'b.json'}"], cwd=tmp)
+    with open(tmp / "b.json") as f:
+        return json.load(f), proc.stdout
+
+
+def positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_json_has_every_measurement(report):
+    res, log = report
+    assert positive(res["cka_over_gram"]) and res["size"] == "tiny" and res["device"] == "cpu"
+    for key in ("first_over_last_stage", "align_over_train", "train_step_s", "inference"):
+        assert set(res[key]) == set(SCRIPTS), key
+    for name in SCRIPTS:
+        assert positive(res["first_over_last_stage"][name]) and positive(res["align_over_train"][name])
+        assert all(positive(t) for t in res["align_step_s"][name])
+        assert f"{name}: batch" in log
+    # one alignment step timed per stage: 20 convolutions, 12 blocks (both transformers at 12 at tiny), 5 stages
+    assert {n: len(res["align_step_s"][n]) for n in SCRIPTS} == {"resnet18_to_mlp": 20, "dinov2_to_patchmlp": 12,
+                                                                 "gpt2_to_rnn": 12, "resnet50_to_resnet18": 5}
+    for name in SCRIPTS:
+        rows = res["inference"][name]
+        assert [r["model"] for r in rows] == ["guide", "target"] * (len(rows) // 2)
+        speed = "tokens_per_s" if name == "gpt2_to_rnn" else "examples_per_s"
+        flops = "flops_per_token" if name == "gpt2_to_rnn" else "flops_per_example"
+        assert all(positive(r[speed]) and positive(r[flops]) and positive(r["peak_memory_bytes"]) for r in rows)
+    assert [r["setting"] for r in res["inference"]["gpt2_to_rnn"][::2]] == ["context 128", "context 512",
+                                                                            "context 1024"]
+    assert [r["setting"] for r in res["inference"]["dinov2_to_patchmlp"][::2]] == ["32 px", "72 px"]
+
+
+def test_cka_forms_no_matrix_as_large_as_its_inputs(report):
+    res, _ = report
+    assert res["cka_input_bytes"] == 4 * 64 * (64 * 56 * 56 + 128 * 28 * 28)
+    # Two 64 x 64 Gram matrices and a few of their kind; a copy of either input would be megabytes.
+    assert 0 < res["cka_peak_extra_bytes"] < res["cka_input_bytes"] / 100
+
+
+def test_parameter_counts_and_flops_match_independent_counts(report):
+    res, _ = report
+    mlp = res["inference"]["resnet18_to_mlp"]
+    assert mlp[0]["params"] == sum(p.numel() for p in torchvision.models.resnet18(num_classes=10).parameters())
+    # The target: every convolution a Linear(in -> 32) without bias and a Linear(32 -> out) with one.
+    guide = torchvision.models.resnet18(num_classes=10).eval()
+    names = resnet18_to_mlp.conv_names(guide)
+    shapes = common.io_shapes(guide, torch.zeros(1, 3, 32, 32), names)
+    kept = sum(p.numel() for n, p in guide.named_parameters() if n.rsplit(".", 1)[0] not in names)
+    assert mlp[1]["params"] == kept + sum(32 * math.prod(i) + 32 * math.prod(o) + math.prod(o)
+                                          for i, o in shapes.values())
+    # and its FLOPs: one multiply-add per weight of the low-rank maps, the rest BatchNorm, pooling and fc
+    fc = 2 * 512 * 10
+    assert mlp[1]["flops_per_example"] == fc + 2 * sum(32 * (math.prod(i) + math.prod(o)) for i, o in shapes.values())
+    r50 = res["inference"]["resnet50_to_resnet18"]
+    assert (r50[0]["params"], r50[1]["params"]) == (
+        sum(p.numel() for p in torchvision.models.resnet50(num_classes=10).parameters()), mlp[0]["params"])
+
+
+def test_generation_memory_per_sequence(report):
+    res, _ = report
+    layers, width = 12, gpt2_to_rnn.PRESETS["tiny"]["n_embd"]
+    for context, guide, target in zip((128, 512, 1024), *(res["inference"]["gpt2_to_rnn"][i::2] for i in (0, 1))):
+        assert guide["memory_per_sequence_bytes"] == 2 * layers * context * width * 4  # float32 keys and values
+        assert target["memory_per_sequence_bytes"] == layers * 2 * width * 4  # two RNN layers' states per block
+
+
+def test_scale_table_arithmetic(report):
+    res, _ = report
+    rows = res["scale"]
+    assert [r["rank"] for r in rows] == [256, 512, 1024]
+    for r in rows:
+        assert r["ddp_bytes_per_gpu"] == 16 * r["params"] and r["sharded_bytes_per_gpu"] == 16 * r["params"] // 8
+    # about 4.67 million x r parameters: 1.2 billion at r = 256, 4.8 billion at r = 1024
+    assert 1.19e9 < rows[0]["params"] < 1.21e9 and 4.77e9 < rows[2]["params"] < 4.79e9
+    # the formula against a real model (at a rank small enough to build)
+    target = resnet18_to_mlp.build_target(1000, 224, 2)
+    assert bench.mlp_params(2) == sum(p.numel() for p in target.parameters())
+
+
+def test_cached_gpt2_step_matches_the_full_forward():
+    torch.manual_seed(0)
+    model = gpt2_to_rnn.load_guide("random", 2, 64, 100)
+    idx = torch.randint(100, (3, 9))
+    cache = bench.kv_cache(model, 3, 9, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        full = model(idx)
+        steps = [bench.gpt_cached_step(model, idx[:, pos], pos, cache) for pos in range(9)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_tensor_memory_counts_what_lives():
+    x = torch.randn(64, 1000)
+    assert bench.peak_extra_memory(lambda: x.T @ x, torch.device("cpu")) >= 1000 * 1000 * 4
+    assert bench.peak_extra_memory(lambda: x.T.sum(), torch.device("cpu")) < 1000  # a view is not new memory
+
+    def two_at_once():
+        a = torch.ones(1000)
+        b = torch.ones(1000)
+        del a, b
+        return torch.ones(1000)
+
+    assert bench.peak_extra_memory(two_at_once, torch.device("cpu")) == 2 * 4000

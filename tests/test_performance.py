@@ -1,0 +1,165 @@
+"""The task phases' performance switches: --shard (FSDP over 2 CPU processes, gloo), --compile, and MFU."""
+import os
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import gpt2_to_rnn
+
+CFG = {"compile": False, "optimizer": "adamw", "weight_decay": 0.05, "dtype": "float32", "grad_clip": 1.0,
+       "log_interval": 100, "ckpt_interval": 2, "eval_interval": 0}
+STEPS = 4
+
+
+def model():
+    # No bias before the BatchNorm: its gradient would be float noise, which Adam turns into full-size steps
+    # that differ between any two ways of summing.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+
+
+class Stream:
+    """Batches of this rank's half of a fixed global batch stream, with the position checkpoints keep."""
+
+    def __init__(self, rank):
+        g = torch.Generator().manual_seed(1)
+        self.batches = [(torch.randn(8, 6, generator=g), torch.randint(3, (8,), generator=g)) for _ in range(STEPS)]
+        self.rank, self.count = rank, 0
+
+    def __next__(self):
+        x, y = self.batches[self.count]
+        self.count += 1
+        return x[self.rank * 4:(self.rank + 1) * 4], y[self.rank * 4:(self.rank + 1) * 4]
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def worker(rank, runs, folder):
+    """Each (name, shard, resume) of runs in turn, in folder/name; rank 0 saves the final weights there."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init-{runs[0][2]}", rank=rank, world_size=2)
+    try:
+        for name, shard, resume in runs:
+            phase(rank, shard, resume, f"{folder}/{name}")
+        dist.barrier()  # gloo may abort a process that leaves while the other still runs
+    finally:
+        dist.destroy_process_group()
+
+
+def phase(rank, shard, resume, folder):
+    """A 4-step task phase on this rank's half of each batch, sharded or under DDP, optionally from folder's
+    checkpoint."""
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+    dist.barrier()
+    hybrid = model()
+    batches = Stream(rank)
+    task = common.Task(loss=lambda model, b: F.cross_entropy(model(b[0]), b[1]), inputs=lambda b: b[0],
+                       evaluate=None, metric="loss")
+    state, optimizer_state = {"step": 0, "grad_steps": 0, "evals": []}, None
+    ckpt_path = f"{folder}/ckpt.pt"
+    if resume:
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        hybrid.load_state_dict(ckpt["model"])
+        batches.load_state_dict(ckpt["batches"])
+        state, optimizer_state = ckpt["state"], ckpt["optimizer"]
+    ctx = common.Dist(rank, rank, 2, torch.device("cpu"))
+    common._task_phase(hybrid, "train", STEPS, 1e-2, 1, False, task, batches, dict(CFG, shard=shard), ctx,
+                       state, optimizer_state, ckpt_path, lambda *args: None)
+    if rank == 0:
+        torch.save(hybrid.state_dict(), f"{folder}/final-{resume}.pt")
+
+
+def test_sharded_task_phase_trains_like_ddp_and_resumes_exactly(tmp_path):
+    # the sharded run saves a checkpoint after step 2 of 4; the resumed run starts from it
+    mp.spawn(worker, args=([("ddp", False, False), ("sharded", True, False)], str(tmp_path)), nprocs=2)
+    mp.spawn(worker, args=([("sharded", True, True)], str(tmp_path)), nprocs=2)
+    ddp, sharded, resumed = (torch.load(tmp_path / name / f"final-{resume}.pt")
+                             for name, resume in (("ddp", False), ("sharded", False), ("sharded", True)))
+    initial = model().state_dict()
+    assert ddp.keys() == sharded.keys() == resumed.keys()
+    for key in ddp:
+        torch.testing.assert_close(sharded[key], ddp[key], rtol=1e-5, atol=1e-6)
+        assert torch.equal(resumed[key], sharded[key]), key
+    assert (ddp["0.weight"] - initial["0.weight"]).abs().max() > 1e-3  # training moved the weights
+    # The checkpoint holds the whole optimizer state, by parameter name (the sharded form), for all parameters.
+    saved = torch.load(tmp_path / "sharded" / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+    assert set(saved) == {"0.weight", "1.weight", "1.bias", "3.weight", "3.bias"}
+    assert saved["0.weight"]["exp_avg"].shape == (32, 6)
+
+
+def one_process_phase(is_final, cfg, task=None):
+    hybrid, logs = model(), []
+    task = task or common.Task(loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]), inputs=lambda b: b[0],
+                               evaluate=None, metric="loss")
+    common._task_phase(hybrid, "train", 2, 1e-2, 1, is_final, task, Stream(0), dict(CFG, shard=False, **cfg),
+                       common.Dist(), {"step": 0, "grad_steps": 0, "evals": []}, None, "unused", logs.append)
+    return hybrid, logs
+
+
+def test_compile_wraps_the_final_training_only(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    one_process_phase(False, {"compile": True, "ckpt_interval": 100})
+    final, _ = one_process_phase(True, {"compile": True, "ckpt_interval": 100})
+    one_process_phase(True, {"compile": False, "ckpt_interval": 100})
+    assert compiled == [final]
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("Tesla T4", None)])
+def test_peak_flops_of_the_card_in_use(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert common.peak_flops(torch.device("cuda")) == peak
+    assert common.peak_flops(torch.device("cpu")) is None
+
+
+def test_mfu_in_the_log_lines(monkeypatch):
+    task = common.Task(loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]), inputs=lambda b: b[0], evaluate=None,
+                       metric="loss", flops_per_example=lambda m: 1e6)
+    _, logs = one_process_phase(True, {"ckpt_interval": 100, "log_interval": 1}, task)
+    assert len(logs) == 2 and all(line.endswith("| mfu n/a") for line in logs)  # on CPU
+    monkeypatch.setattr(common, "peak_flops", lambda device: 1e9)
+    _, logs = one_process_phase(True, {"ckpt_interval": 100, "log_interval": 1}, task)
+    assert all(re.search(r"\| mfu \d+\.\d%$", line) for line in logs)
+    _, logs = one_process_phase(True, {"ckpt_interval": 100, "log_interval": 1})  # no FLOPs given, no MFU
+    assert not any("mfu" in line for line in logs)
+
+
+@pytest.mark.parametrize("rnn_blocks", [0, 1])
+def test_gpt2_flops_per_window_counts_what_runs(rnn_blocks):
+    """nanoGPT's estimate against the matrix products really run in a forward and backward pass."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    gpt = gpt2_to_rnn.load_guide("random", 2, 64, 100).train()
+    for block in gpt.transformer.h[:rnn_blocks]:
+        block.attn = gpt2_to_rnn.RNNMixer(64)
+    idx = torch.randint(100, (1, 17))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        F.cross_entropy(gpt(idx[:, :-1]).flatten(0, 1), idx[0, 1:]).backward()
+    # The estimate also counts biases and LayerNorm gains as multiplied weights: a few percent at this width.
+    assert gpt2_to_rnn.flops_per_window(gpt, 16) == pytest.approx(counter.get_total_flops(), rel=0.03)
+
+
+def test_cka_reads_channels_last_maps_without_copying_them():
+    import bench
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 16, 12, 12), torch.randn(8, 32, 6, 6)
+    xl, yl = x.to(memory_format=torch.channels_last), y.to(memory_format=torch.channels_last)
+    assert common.cka(xl, yl).item() == pytest.approx(common.cka(x, y).item(), abs=1e-6)
+    # Feature order does not matter to CKA; a copy into the logical order would be the size of the input.
+    assert bench.peak_extra_memory(lambda: common.cka(xl, yl), torch.device("cpu")) < x.nbytes / 4

@@ -1,0 +1,114 @@
+"""python common.py report: Table 1 and Figure 1 from run folders."""
+import csv
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import common
+from runs import ROOT
+
+CONFIG = {"method": "not", "guide": "pretrained", "order": "forward", "seed": 0, "out_dir": "x", "lr": 1e-3,
+          "align_steps": 10}
+
+
+def write_run(folder, script="resnet18_to_mlp.py", status="done", value=50.0, guide_metric=69.0, stages=(), best=None,
+              **cfg):
+    folder.mkdir(parents=True)
+    results = {"script": script, "status": status, "config": {**CONFIG, **cfg}, "guide_metric": guide_metric,
+               "stages": [{"stage": i + 1, "top1": v} for i, v in enumerate(stages)],
+               "metric": {"name": "top1", "value": value}, "grad_steps": 100, "evals": [],
+               "best": {"value": best, "step": 50} if best is not None else None}
+    (folder / "results.json").write_text(json.dumps(results))
+    return str(folder)
+
+
+@pytest.fixture
+def grid(tmp_path):
+    dirs = []
+    not_trained = [61.0, 62.5, 63.0]
+    for seed, v in enumerate(not_trained):
+        dirs.append(write_run(tmp_path / f"not-{seed}", value=v, seed=seed, stages=(60, 55, v), best=v + 1))
+    dirs.append(write_run(tmp_path / "not-rev", value=58.0, order="reverse", stages=(50, 52, 58)))
+    for seed, v in enumerate([59.0, 61.0]):
+        dirs.append(write_run(tmp_path / f"not-random-{seed}", value=v, seed=seed, guide="random",
+                              guide_metric=0.1, stages=(1, 20, v)))
+    for seed, v in enumerate([40.0, 42.0, 38.0, 50.0]):  # seed 3 has no NoT partner: not in the paired column
+        dirs.append(write_run(tmp_path / f"naive-{seed}", value=v, seed=seed, method="naive", best=v + 5))
+    dirs.append(write_run(tmp_path / "other-lr", value=10.0, lr=0.1))  # a different setting: its own row
+    return dirs, not_trained
+
+
+def test_table_averages_over_seeds_only(grid, tmp_path):
+    dirs, not_trained = grid
+    said = []
+    common.report(dirs, str(tmp_path / "out"), say=said.append)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
+    cell = {(r["settings"], r["column"]): r for r in rows}
+    forward = "lr=0.001, order=forward"
+    nt = cell[(forward, "NoT (trained)")]
+    assert float(nt["mean"]) == pytest.approx(statistics.mean(not_trained))
+    assert float(nt["standard_error"]) == pytest.approx(statistics.stdev(not_trained) / 3 ** 0.5, rel=1e-5)
+    assert nt["seeds"] == "3"
+    assert float(cell[(forward, "NoT (untrained)")]["mean"]) == pytest.approx(60.0)
+    assert float(cell[(forward, "Naive (trained)")]["mean"]) == pytest.approx(42.5)
+    differences = [61.0 - 40.0, 62.5 - 42.0, 63.0 - 38.0]
+    paired = cell[(forward, "NoT - naive (trained)")]
+    assert float(paired["mean"]) == pytest.approx(statistics.mean(differences))
+    assert float(paired["standard_error"]) == pytest.approx(statistics.stdev(differences) / 3 ** 0.5, rel=1e-5)
+    assert float(cell[(forward, "Guide")]["mean"]) == pytest.approx(69.0)  # untrained guides do not count here
+    # The reverse run and the other learning rate are rows of their own, labelled by what differs.
+    assert float(cell[("lr=0.001, order=reverse", "NoT (trained)")]["mean"]) == 58.0
+    assert float(cell[("lr=0.1, order=forward", "NoT (trained)")]["mean"]) == 10.0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "62.17 ± 0.60 (n=3)" in table and table in said
+
+
+def test_validation_selected_results(grid, tmp_path):
+    dirs, not_trained = grid
+    common.report(dirs, str(tmp_path / "out"), select="best", say=lambda *a: None)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
+    cell = {(r["settings"], r["column"]): r for r in rows}
+    forward = "lr=0.001, order=forward"
+    assert float(cell[(forward, "NoT (trained)")]["mean"]) == pytest.approx(statistics.mean(not_trained) + 1)
+    assert float(cell[(forward, "Naive (trained)")]["mean"]) == pytest.approx(42.5 + 5)
+    assert (forward, "NoT (untrained)") not in cell  # those runs recorded no validations
+
+
+def test_figure_is_drawn(grid, tmp_path):
+    dirs, _ = grid
+    common.report(dirs, str(tmp_path / "out"), say=lambda *a: None)
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("figure1-*.png"))
+    assert len(pngs) == 2  # one per setting; forward and reverse order share one
+    image = Image.open(tmp_path / "out" / pngs[0]).convert("RGB")
+    colors = {c for _, c in image.getcolors(maxcolors=1 << 20)}
+    assert (31, 119, 180) in colors  # the first curve's colour was drawn
+
+
+def test_curves_average_stages_and_start_at_the_guide(grid):
+    dirs, not_trained = grid
+    curves, lines = common.stage_curves(common.read_runs(dirs[:3] + dirs[6:9], say=lambda *a: None))
+    mean = pytest.approx(statistics.mean(not_trained))
+    assert curves["NoT forward, trained guide"] == [(0, 69.0), (1, 60.0), (2, 55.0), (3, mean), (4, mean)]
+    assert lines == {"naive, trained guide": pytest.approx(40.0)}  # the naive runs of seeds 0-2: 40, 42, 38
+
+
+def test_bad_folders_are_named_and_skipped(tmp_path):
+    good = write_run(tmp_path / "good")
+    running = write_run(tmp_path / "running", status="running", stages=(1, 2))
+    (tmp_path / "truncated").mkdir()
+    (tmp_path / "truncated" / "results.json").write_text('{"script": "resnet18_to_mlp.py", "sta')
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "results.json").write_text('{"accuracy": 3}')
+    proc = subprocess.run([sys.executable, f"{ROOT}/common.py", "report", good, running, str(tmp_path / "truncated"),
+                           str(tmp_path / "foreign"), str(tmp_path / "missing"), f"--out={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"in progress: {running} (2 stages recorded)" in proc.stdout
+    assert f"skipped {tmp_path / 'truncated' / 'results.json'}: not valid JSON" in proc.stdout
+    assert f"skipped {tmp_path / 'foreign' / 'results.json'}: not a results.json" in proc.stdout
+    assert f"skipped {tmp_path / 'missing' / 'results.json'}: missing" in proc.stdout
+    assert "50.00 (n=1)" in proc.stdout
