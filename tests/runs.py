@@ -1,17 +1,26 @@
 """Running a script's command line the way a user does, for the end-to-end tests."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+# A rare abort of a gloo process at exit, after all its work is done (seen once in about 25 two-process CPU runs
+# of torch 2.14 here): a torchrun run that fails this way alone is run once more, from scratch.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
 def run_script(script, args, cwd, launcher=(sys.executable,), check=True, env=None):
     """Run ROOT/script with args in cwd; with check, fail with the end of its output unless it exits 0."""
-    proc = subprocess.run([*launcher, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)
+    command = [*launcher, os.path.join(ROOT, script), *args]
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode != 0 and launcher == TORCHRUN_2 and GLOO_EXIT_ABORT in proc.stderr:
+        for arg in args:
+            if arg.startswith("--out_dir="):
+                shutil.rmtree(os.path.join(cwd, arg.split("=", 1)[1]), ignore_errors=True)
+        proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
