@@ -162,11 +162,13 @@ def start(cfg):
 
 
 def rank0_first(load):
-    """Call load() on rank 0, then on the others: rank 0 alone downloads, the rest read its cached copy."""
-    if dist.is_initialized() and dist.get_rank() != 0:
+    """Call load() on each node's first process, then on the others: one download per node, the rest read its
+    cached copy."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not first:
         dist.barrier()
     result = load()
-    if dist.is_initialized() and dist.get_rank() == 0:
+    if dist.is_initialized() and first:
         dist.barrier()
     return result
 

@@ -562,10 +562,11 @@ def write_tokens(lines, encoder, path, what):
 
 
 def token_splits(cfg, ctx, log):
-    """The token stream of each split (read-only uint16 memmaps); rank 0 tokenizes what the cache lacks, once."""
+    """The token stream of each split (read-only uint16 memmaps); each node's first process tokenizes what the
+    cache lacks (where nodes share cache_dir, the files are renamed into place whole, so that is safe too)."""
     folder = cache_folder(cfg)
     paths = {split: os.path.join(folder, f"{split}.bin") for split in SPLITS}
-    if ctx.master:
+    if ctx.local_rank == 0:
         missing = [s for s in SPLITS if cached_tokens(paths[s]) is None]
         if missing:
             encoder = load_tokenizer(cfg["tokenizer"], cfg["tokenizer_file"])
