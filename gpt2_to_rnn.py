@@ -40,8 +40,8 @@ Data and metric, exactly:
   own (tiktoken `encode_ordinary`, no <|endoftext|>) and the ids are
   concatenated into one stream per split, cached as uint16 files in
   cache_dir/<source>-<tokenizer>/{train,val,test}.bin, each with a .json
-  holding its token count: a file whose size does not match is rebuilt. Rank
-  0 builds what is missing while the other processes wait (for Wikitext-103
+  holding its token count: a file whose size does not match is rebuilt. Each
+  node's first process builds what is missing while the others wait (for Wikitext-103
   the first time, the download and a few minutes of tokenizing).
 - Training batches: windows of seq_len + 1 tokens starting anywhere in the
   training stream (uniform), input the first seq_len, targets the last seq_len.
