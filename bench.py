@@ -8,8 +8,8 @@ process (in the manner of nanoGPT's bench.py). Writes bench.json and prints a ta
 
 Every timing is the median of `repeats` runs after `warmup` runs (CUDA synchronized around each).
 1. cka_over_gram: common.cka on ResNet-18's layer1 and layer2 outputs at 224 px for 64 images
-   (64 x 200704 against 64 x 100352) over one plain x @ x.T of the larger, and the peak memory CKA adds
-   beyond its inputs (cka_peak_extra_bytes against cka_input_bytes).
+   (64 x 200704 against 64 x 100352) over one plain x @ x.T of the larger (each in seconds: cka_s,
+   gram_s), and the peak memory CKA adds beyond its inputs (cka_peak_extra_bytes against cka_input_bytes).
 2. first_over_last_stage: the alignment step (common.align_step) of the first stage over that of the
    last, same batch; early exit makes early stages cheap.
 3. align_over_train: the mean alignment step over all stages over one training step of the guide
@@ -343,11 +343,11 @@ class Bench:
 
 
 def cka_cost(bench):
-    """Item 1: (cka time / x @ x.T time, CKA's peak extra bytes, the inputs' bytes)."""
+    """Item 1: (cka seconds, x @ x.T seconds, CKA's peak extra bytes, the inputs' bytes)."""
     x, y = (torch.randn(shape, device=bench.device) for shape in CKA_SHAPES)
-    ratio = (median_time(lambda: common.cka(x, y), bench.device, bench.repeats, bench.warmup)
-             / median_time(lambda: x @ x.T, bench.device, bench.repeats, bench.warmup))
-    return ratio, peak_extra_memory(lambda: common.cka(x, y), bench.device), x.nbytes + y.nbytes
+    cka_s = median_time(lambda: common.cka(x, y), bench.device, bench.repeats, bench.warmup)
+    gram_s = median_time(lambda: x @ x.T, bench.device, bench.repeats, bench.warmup)
+    return cka_s, gram_s, peak_extra_memory(lambda: common.cka(x, y), bench.device), x.nbytes + y.nbytes
 
 
 def stage_times(bench, conv):
@@ -422,11 +422,14 @@ def main(argv):
     device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     print(f"bench --size={bench.size} on {device_name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
 
-    ratio, cka_peak, cka_inputs = cka_cost(bench)
-    print(f"cka / x @ x.T {ratio:.2f} | cka peak extra memory {cka_peak / 2**20:.1f} MiB "
+    cka_s, gram_s, cka_peak, cka_inputs = cka_cost(bench)
+    ratio = cka_s / gram_s
+    print(f"cka / x @ x.T {ratio:.2f} ({cka_s * 1e6:.0f} us / {gram_s * 1e6:.0f} us) | cka peak extra memory "
+          f"{cka_peak / 2**20:.1f} MiB "
           f"(inputs {cka_inputs / 2**20:.1f} MiB) | shapes {CKA_SHAPES}")
     results = {"size": bench.size, "device": device_name, "dtype": bench.dtype, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "repeats": bench.repeats, "cka_over_gram": ratio,
+               "cka_s": cka_s, "gram_s": gram_s,
                "cka_peak_extra_bytes": cka_peak, "cka_input_bytes": cka_inputs, "first_over_last_stage": {},
                "align_over_train": {}, "align_step_s": {}, "train_step_s": {}, "batch": {}, "inference": {}}
     for name, build in CONVERSIONS.items():

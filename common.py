@@ -282,14 +282,18 @@ def cka(x, y, unbiased=False):
         d1, d2 = x.shape[1], y.shape[1]
         # Gram form costs n^2 (d1 + d2) multiply-adds, feature form n (d1 d2 + d1^2 + d2^2).
         if n * (d1 + d2) <= d1 * d1 + d1 * d2 + d2 * d2:
-            xy, xx, yy = _hsic_gram(x, y, unbiased)
+            gram_x, gram_y = x @ x.T, y @ y.T
+            # The squared norms (for the floors below) are the traces: no further pass over the activations.
+            sq_x, sq_y = gram_x.detach().trace(), gram_y.detach().trace()
+            xy, xx, yy = _hsic_gram(gram_x, gram_y, unbiased)
         else:
+            # vector_norm reads the activations once; x.square().sum() would first copy them.
+            sq_x, sq_y = (torch.linalg.vector_norm(t.detach()).square() for t in (x, y))
             xy, xx, yy = _hsic_features(x, y, unbiased)
         # A variance below float32 noise relative to the raw scale counts as constant.
-        # vector_norm reads the activations once; x.square().sum() would first copy them.
         tiny = torch.finfo(torch.float32).tiny
-        floor_x = (1e-6 * torch.linalg.vector_norm(x.detach()).square()).square() + tiny
-        floor_y = (1e-6 * torch.linalg.vector_norm(y.detach()).square()).square() + tiny
+        floor_x = (1e-6 * sq_x).square() + tiny
+        floor_y = (1e-6 * sq_y).square() + tiny
         degenerate = (xx <= floor_x) | (yy <= floor_y)
         value = xy / torch.sqrt(xx.clamp_min(floor_x) * yy.clamp_min(floor_y))
         return torch.where(degenerate, torch.zeros_like(value), value)
@@ -309,9 +313,9 @@ def _center_gram(k):
     return k - row - row.T + row.mean()
 
 
-def _hsic_gram(x, y, unbiased):
-    k = _center_gram(x @ x.T)
-    l = _center_gram(y @ y.T)
+def _hsic_gram(gram_x, gram_y, unbiased):
+    k = _center_gram(gram_x)
+    l = _center_gram(gram_y)
     if unbiased:
         return _hsic_unbiased(k, l), _hsic_unbiased(k, k), _hsic_unbiased(l, l)
     # Biased HSIC up to a constant factor that cancels in CKA.
@@ -504,11 +508,14 @@ def image_folders(data_dir, image_size=224, interpolation="bilinear"):
             datasets.ImageFolder(os.path.join(data_dir, "val"), val_tf))
 
 
-def synthetic_images(num_train, num_val, num_classes, image_size, seed=0):
+def synthetic_images(num_train, num_val, num_classes, image_size, shift=0, seed=0):
     """Learnable generated images for offline runs: a fixed smooth pattern per class plus noise.
 
     The patterns are random low-resolution images upsampled, so a CNN and an
     MLP can both learn them, while the noise keeps the task from being trivial.
+    With shift > 0 each image rolls its pattern by up to `shift` pixels in each
+    direction (wrapping around): a convolution sees the same pattern anywhere,
+    a fully connected layer must learn each position apart, so an MLP trails a CNN.
     """
     g = torch.Generator().manual_seed(seed)
     patterns = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear",
@@ -516,7 +523,11 @@ def synthetic_images(num_train, num_val, num_classes, image_size, seed=0):
 
     def make(n):
         labels = torch.randint(num_classes, (n,), generator=g)
-        images = patterns[labels] + 1.5 * torch.randn(n, 3, image_size, image_size, generator=g)
+        images = patterns[labels]
+        if shift:
+            offsets = torch.randint(-shift, shift + 1, (n, 2), generator=g).tolist()
+            images = torch.stack([img.roll((dy, dx), dims=(1, 2)) for img, (dy, dx) in zip(images, offsets)])
+        images = images + 1.5 * torch.randn(n, 3, image_size, image_size, generator=g)
         return torch.utils.data.TensorDataset(images, labels)
 
     return make(num_train), make(num_val)
@@ -529,7 +540,7 @@ def image_data(cfg, interpolation="bilinear"):
         return train_set, val_set, len(train_set.classes)
     # The generated data set is the same for every --seed: seeds vary the runs, not the task.
     train_set, val_set = synthetic_images(cfg["synthetic_train"], cfg["synthetic_val"], cfg["num_classes"],
-                                          cfg["image_size"], seed=0)
+                                          cfg["image_size"], cfg["synthetic_shift"], seed=0)
     return train_set, val_set, cfg["num_classes"]
 
 
@@ -1079,12 +1090,22 @@ def write_results(cfg, state, task, final, status, ctx):
 # -----------------------------------------------------------------------------
 # report: python common.py report RUN_DIR... [--out=DIR] [--select=final|best]
 
-# Settings that never make two runs incomparable: the seed, where files go, how often the run logs.
-_NOT_COMPARED = RESUMABLE_CHANGES | {"seed", "out_dir", "eval_interval", "eval_only", "preset", "guide", "method"}
+# Settings that never make two runs incomparable: the seed, where files go, how often the run logs or evaluates.
+_NOT_COMPARED = RESUMABLE_CHANGES | {"seed", "out_dir", "eval_interval", "eval_only", "preset", "guide", "method",
+                                     "eval_guide"}
 # Table 1's columns after "Guide": (method, trained guide? (None: no guide)) and their headings.
 _COLUMNS = [(("not", True), "NoT (trained)"), (("not", False), "NoT (untrained)"),
             (("naive", True), "Naive (trained)"), (("naive", False), "Naive (untrained)"),
             (("scratch", None), "Scratch")]
+# NoT against each baseline, paired by seed: (NoT arm, baseline arm, heading). The paper's naive baseline trains
+# the target from scratch, which is naive with an untrained guide; naive with a trained guide keeps the guide's
+# parts that are not replaced.
+_PAIRS = [(("not", True), ("naive", True), "NoT - naive (trained)"),
+          (("not", False), ("naive", False), "NoT - naive (untrained)"),
+          (("not", True), ("naive", False), "NoT (trained) - naive (untrained)"),
+          (("not", True), ("scratch", None), "NoT (trained) - scratch"),
+          (("not", False), ("scratch", None), "NoT (untrained) - scratch")]
+_PAIRED = [heading for _, _, heading in _PAIRS]
 
 
 _RESULTS_KEYS = {"script", "status", "config", "guide_metric", "stages", "metric", "grad_steps"}
@@ -1095,11 +1116,17 @@ def read_runs(run_dirs, say=print):
     runs = []
     for run_dir in run_dirs:
         path = os.path.join(run_dir, "results.json")
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            say(f"skipped {run_dir}: not a folder")  # a log file beside the run folders, say, caught by a glob
+            continue
         try:
             with open(path) as f:
                 results = json.load(f)
         except FileNotFoundError:
             say(f"skipped {path}: missing")
+            continue
+        except OSError as e:
+            say(f"skipped {path}: {e.strerror}")
             continue
         except (json.JSONDecodeError, UnicodeDecodeError):
             say(f"skipped {path}: not valid JSON (truncated?)")
@@ -1151,7 +1178,7 @@ def _value(run, select):
 def table_rows(runs, select="final"):
     """Rows of Table 1: one per conversion and distinct setting, runs averaged over seeds only.
 
-    Besides the columns, "NoT - naive (trained)" and "(untrained)": the difference of the two arms paired by
+    Besides the columns, the differences in _PAIRS (NoT against a baseline) of the two arms paired by
     seed (same seed, same guide kind), mean and standard error over the pairs.
 
     Each row: {"script", "metric", "settings" (what sets it apart from other rows of the same script),
@@ -1178,16 +1205,13 @@ def table_rows(runs, select="final"):
         for arm, heading in _COLUMNS:
             if arm in arms:
                 row[heading] = _mean_se(list(arms[arm].values()))
-        for is_trained, heading in ((True, "NoT - naive (trained)"), (False, "NoT - naive (untrained)")):
-            ours, theirs = arms.get(("not", is_trained), {}), arms.get(("naive", is_trained), {})
+        for ours, theirs, heading in _PAIRS:
+            ours, theirs = arms.get(ours, {}), arms.get(theirs, {})
             pairs = [ours[seed] - theirs[seed] for seed in sorted(set(ours) & set(theirs))]
             if pairs:
                 row[heading] = _mean_se(pairs)
         rows.append(row)
     return rows
-
-
-_PAIRED = ["NoT - naive (trained)", "NoT - naive (untrained)"]
 
 
 def report(run_dirs, out_dir=".", select="final", say=print):
@@ -1198,7 +1222,13 @@ def report(run_dirs, out_dir=".", select="final", say=print):
     """
     if select not in ("final", "best"):
         raise ConfigError(f"--select={select}: expected final or best")
-    runs = read_runs(run_dirs, say)
+    runs = []
+    for run in read_runs(run_dirs, say):
+        if run["config"]["method"] == "guide":
+            say(f"not in the table: {run['dir']} trained a guide (--method=guide, {run['metric']['name']} "
+                f"{run['metric']['value']:.2f}); the runs it guides show it in the Guide column")
+        else:
+            runs.append(run)
     rows = table_rows(runs, select)
     order = [h for _, h in _COLUMNS] + _PAIRED
     headings = ["Guide"] + sorted({h for h in order if any(h in r for r in rows)}, key=order.index)
@@ -1245,7 +1275,9 @@ def stage_curves(runs):
             points.append((len(run["stages"]) + 1, run["metric"]["value"]))
             curves.setdefault(label, []).append(dict(points))
         else:
-            lines.setdefault(f"{run['config']['method']}, {guide} guide", []).append(run["metric"]["value"])
+            method = run["config"]["method"]
+            label = "scratch" if method == "scratch" else f"{method}, {guide} guide"
+            lines.setdefault(label, []).append(run["metric"]["value"])
     mean_curves = {}
     for label, per_seed in curves.items():
         stages = sorted(set().union(*per_seed))
@@ -1262,9 +1294,14 @@ def plot_stages(runs, path, size=(900, 560)):
     if not curves:
         return False
     values = [v for c in curves.values() for _, v in c] + list(lines.values())
-    low, high = min(values), max(values)
+    # A log axis where values span more than a factor of 10 (an untrained guide's perplexity against a trained one's).
+    log = min(values) > 0 and max(values) / min(values) > 10
+    scale = math.log10 if log else float
+    low, high = scale(min(values)), scale(max(values))
     margin = max(high - low, 1e-6) * 0.05
     low, high = low - margin, high + margin
+    if not log and min(values) >= 0:
+        low = max(low, 0.0)  # no negative axis for accuracies
     stages = max(k for c in curves.values() for k, _ in c)
     left, right, top, bottom = 80, 250, 50, 60
     width, height = size
@@ -1274,21 +1311,22 @@ def plot_stages(runs, path, size=(900, 560)):
 
     def xy(stage, value):
         x = left + (width - left - right) * stage / max(stages, 1)
-        y = height - bottom - (height - top - bottom) * (value - low) / (high - low)
+        y = height - bottom - (height - top - bottom) * (scale(value) - low) / (high - low)
         return x, y
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for i in range(5):
-        value = low + (high - low) * i / 4
+        tick = low + (high - low) * i / 4
+        value = 10 ** tick if log else tick
         _, y = xy(0, value)
         draw.line([left - 5, y, left, y], fill="black")
         draw.text((5, y - 7), f"{value:.4g}", fill="black", font=font)
     for k in range(stages + 1):
-        x, _ = xy(k, low)
+        x, _ = xy(k, min(values))
         draw.line([x, height - bottom, x, height - bottom + 5], fill="black")
         draw.text((x - 4, height - bottom + 8), "final" if k == stages else str(k), fill="black", font=font)
-    draw.text((left, 15), f"{runs[0]['script']}: {runs[0]['metric']['name']} after each stage (stage 0: the guide)",
-              fill="black", font=font)
+    draw.text((left, 15), f"{runs[0]['script']}: {runs[0]['metric']['name']} after each stage (stage 0: the guide)"
+              + (", log scale" if log else ""), fill="black", font=font)
     draw.text((left + (width - left - right) // 2 - 60, height - 25), "stage (final: after end-to-end training)",
               fill="black", font=font)
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]

@@ -13,6 +13,9 @@ the mean of one function per patch. Paper (Table 1): guide 81.03, NoT 72.56
 
 Run, first on a laptop (CPU, offline, a small ViT on generated images, under two minutes):
     python dinov2_to_patchmlp.py --preset=tiny
+The small study's arms (CPU, a few minutes each; README.md has the whole grid):
+    python dinov2_to_patchmlp.py --preset=small --method=guide --out_dir=out-guide   # trains the small ViT
+    python dinov2_to_patchmlp.py --preset=small --guide=out-guide/guide.pt --seed=1  # NoT, trained guide
 The paper's job, one node of 8 GPUs (global batch 256, 100 task epochs):
     torchrun --nproc_per_node=8 dinov2_to_patchmlp.py --data_dir=/path/to/imagenet
 Several nodes (run on each, with its --node_rank):
@@ -72,6 +75,9 @@ Decisions the paper leaves open (and the config key to change each):
   augmentation (RandomResizedCrop and flip). The naive baseline trains for
   exactly as many gradient steps as NoT took in all. No dropout or stochastic
   depth anywhere.
+- `--method=guide` trains the guide's own ViT from scratch for that many steps
+  too and writes out_dir/guide.pt for `--guide=`: a trained guide for data that
+  no pretrained one fits (generated images).
 - On CUDA the runs use bf16 autocast, TF32, fused AdamW and DataLoader
   workers with pinned memory. `--compile=True` puts the final training's model
   through torch.compile. Not the per-stage fine-tuning (short, and each stage
@@ -98,15 +104,16 @@ data_dir = ""  # ImageNet root holding train/ and val/ (one folder per class); "
 eval_only = ""  # "guide" or a path to a target.pt: evaluate it on val/ and exit
 resume = False  # continue the run in out_dir from its last checkpoint
 # guide and target
-guide = "pretrained"  # "pretrained" (the official weights), "random" (untrained), or a folder holding the
-# official files under their official names
+guide = "pretrained"  # "pretrained" (the official weights), "random" (untrained), a folder holding the
+# official files under their official names, or a guide.pt written by --method=guide
 head_layers = 4  # the official classifier to use: 4 (dinov2_vits14_linear4_head.pth) or 1 (_linear_head.pth)
 embed_dim = 384  # size of a random guide (weights files carry their own); heads are 64 wide
 depth = 12
 patch_size = 14
 token_mlp_width = 1536  # hidden width of each token-wise MLP that replaces an attention
 # method
-method = "not"  # "not": Network of Theseus; "naive": all attentions replaced at once, task loss only
+method = "not"  # "not": Network of Theseus; "naive": all attentions replaced at once, task loss only;
+# "guide": train the guide's ViT from scratch (--guide=random) and write out_dir/guide.pt
 order = "forward"  # "forward": first block first; "reverse": last first
 align_steps = 1000  # CKA alignment steps per stage
 align_lr = 1e-3  # peak learning rate of the new MLP during its alignment
@@ -133,13 +140,14 @@ num_classes = 10
 image_size = 224  # the crop size for ImageNet too; a multiple of the patch size
 synthetic_train = 10000
 synthetic_val = 1000
+synthetic_shift = 0  # each generated image moves its class pattern by up to this many pixels
 # system
 device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast dtype on CUDA ("float32" to turn autocast off); CPU always runs float32
 workers = 8  # DataLoader processes per GPU
 seed = 0
 compile = False  # torch.compile the model of the final training (see the docstring)
-preset = ""  # "tiny": the whole conversion on CPU in under two minutes
+preset = ""  # "tiny": the whole conversion on CPU in under two minutes; "small": one arm of the laptop study
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
 PRESETS = {
@@ -148,6 +156,14 @@ PRESETS = {
                  token_mlp_width=256, image_size=32, synthetic_train=1024, synthetic_val=256, align_steps=20,
                  align_lr=3e-3, finetune_steps=4, finetune_lr=1e-3, epochs=2, batch_size=32, lr=1e-3,
                  warmup_steps=5, eval_interval=0, log_interval=4, ckpt_interval=20, workers=0),
+    # The laptop study: the same ViT on 32 x 32 generated images, 100 classes of 30 examples each, whose class
+    # pattern may sit anywhere (rolled by up to 16 pixels): attention relates the patches, a token-wise MLP sees
+    # each one alone. (With 10 classes every arm reached 99.7-100%.)
+    "small": dict(out_dir="out-dinov2-patchmlp-small", guide="random", embed_dim=128, depth=4, patch_size=8,
+                  token_mlp_width=256, image_size=32, num_classes=100, synthetic_train=3000, synthetic_val=1000,
+                  synthetic_shift=16, align_steps=40, align_lr=3e-3, finetune_steps=10, finetune_lr=1e-3, epochs=10,
+                  batch_size=64, lr=1e-3, warmup_steps=20, eval_interval=40, log_interval=40, ckpt_interval=200,
+                  workers=0),
 }
 # -----------------------------------------------------------------------------
 
@@ -362,8 +378,23 @@ def load_guide(spec, image_size=224, head_layers=4, num_classes=1000, embed_dim=
         if image_size % patch_size:
             raise common.ConfigError(f"--image_size={image_size} is not a multiple of the patch size {patch_size}")
         return ViT(ViTConfig(embed_dim, depth, patch_size, image_size, head_layers, num_classes)).eval()
+    if os.path.isfile(spec):
+        return trained_guide(spec, image_size)
     backbone, head = official_weights(spec, head_layers)
     return guide_from_official(backbone, head, spec, image_size, head_layers).eval()
+
+
+def trained_guide(path, image_size):
+    """The ViT in a guide.pt written by --method=guide, in eval mode."""
+    saved = common.load_checkpoint(path)
+    if not {"config", "arch", "model"} <= set(saved) or saved["config"].get("method") != "guide":
+        raise common.ConfigError(f"--guide={path}: not a guide.pt written by dinov2_to_patchmlp.py --method=guide")
+    if saved["arch"]["image_size"] != image_size:
+        raise common.ConfigError(f"--guide={path} was trained on {saved['arch']['image_size']} px images, "
+                                 f"--image_size is {image_size}")
+    model = ViT(ViTConfig(**saved["arch"]))
+    model.load_state_dict(saved["model"])
+    return model.eval()
 
 
 def build_target(arch, token_mlp_width):
@@ -403,7 +434,7 @@ def load_target(path):
 
 
 def check_config(cfg):
-    common.check_choices(cfg, {"method": ("not", "naive"), "order": ("forward", "reverse"),
+    common.check_choices(cfg, {"method": ("not", "naive", "guide"), "order": ("forward", "reverse"),
                                "cka_scope": ("global", "local"), "optimizer": ("adamw", "sgd"),
                                "device": ("auto", "cuda", "cpu"), "dtype": ("bfloat16", "float32"),
                                "head_layers": (4, 1)})
@@ -418,12 +449,16 @@ def check_config(cfg):
                                  f"last {cfg['head_layers']} blocks")
     if cfg["eval_only"] not in ("", "guide") and not os.path.isfile(cfg["eval_only"]):
         raise common.ConfigError(f"--eval_only={cfg['eval_only']}: expected 'guide' or the path of a target.pt")
-    if cfg["guide"] not in ("pretrained", "random") and not os.path.isdir(cfg["guide"]):
-        raise common.ConfigError(f"--guide={cfg['guide']}: expected pretrained, random, or a folder holding "
-                                 f"{BACKBONE_FILE} and {head_file(cfg['head_layers'])}")
-    if cfg["data_dir"] == "" and cfg["guide"] != "random":
-        raise common.ConfigError("generated images (empty --data_dir) have their own classes; "
-                                 "use --guide=random with them, or give --data_dir")
+    if cfg["guide"] not in ("pretrained", "random") and not os.path.exists(cfg["guide"]):
+        raise common.ConfigError(f"--guide={cfg['guide']}: expected pretrained, random, a folder holding "
+                                 f"{BACKBONE_FILE} and {head_file(cfg['head_layers'])}, or a guide.pt")
+    if cfg["method"] == "guide" and cfg["guide"] != "random":
+        raise common.ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, not {cfg['guide']!r}")
+    if cfg["data_dir"] == "" and (cfg["guide"] == "pretrained" or os.path.isdir(cfg["guide"])):
+        raise common.ConfigError("generated images (empty --data_dir) have their own classes; use --guide=random "
+                                 "or a guide.pt trained on them (--method=guide), or give --data_dir")
+    if cfg["synthetic_shift"] < 0 or cfg["synthetic_shift"] >= cfg["image_size"]:
+        raise common.ConfigError(f"--synthetic_shift={cfg['synthetic_shift']}: expected 0 to image_size - 1")
 
 
 def main(argv):
@@ -457,12 +492,16 @@ def main(argv):
 
     stages = make_stages(cfg, guide_model, val_set[0][0].unsqueeze(0).to(ctx.device))
     train_steps = cfg["epochs"] * len(batches)
+    if cfg["method"] == "guide":
+        # The random guide itself is trained, no stages, for as many steps as a NoT run takes.
+        train_steps, stages, cfg["eval_guide"] = common.total_grad_steps(stages, train_steps), [], False
     t0 = time.time()
-    target, results = common.convert(guide_model, stages, task, batches, cfg, ctx, train_steps, log)
+    model, results = common.convert(guide_model, stages, task, batches, cfg, ctx, train_steps, log)
     if ctx.master:
-        common.save_atomic({"config": cfg, "arch": asdict(guide_model.cfg), "model": target.state_dict()},
-                           os.path.join(cfg["out_dir"], "target.pt"))
-        log(f"wrote {cfg['out_dir']}/target.pt and results.json in {time.time() - t0:.0f} s")
+        name = "guide.pt" if cfg["method"] == "guide" else "target.pt"
+        common.save_atomic({"config": cfg, "arch": asdict(guide_model.cfg), "model": model.state_dict()},
+                           os.path.join(cfg["out_dir"], name))
+        log(f"wrote {cfg['out_dir']}/{name} and results.json in {time.time() - t0:.0f} s")
     common.cleanup_distributed()
 
 

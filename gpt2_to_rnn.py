@@ -21,6 +21,9 @@ Offline compute nodes: a local copy of the data and of the tokenizer file (or $G
         --tokenizer_file=/path/to/gpt2.tiktoken --guide=/path/to/pytorch_model.bin
 The baseline and the untrained guide:
     ... --method=naive        ... --guide=random
+The small study's arms (CPU, a few minutes each, bytes as tokens; README.md has the whole grid):
+    python gpt2_to_rnn.py --preset=small --data=/path/to/wikitext-2 --method=guide --out_dir=out-guide
+    python gpt2_to_rnn.py --preset=small --data=/path/to/wikitext-2 --guide=out-guide/pytorch_model.bin --seed=1
 Resume a run that stopped (same flags plus):
     ... --resume=True
 Only evaluate the guide, or a converted model (validation and test perplexity):
@@ -75,6 +78,10 @@ Decisions the paper leaves open (and the config key to change each):
   reads at most 1024 positions (`generate` stops there).
 - Final training: AdamW, warmup then cosine, `train_steps`. The naive baseline
   trains for exactly as many gradient steps as NoT took in all.
+- `--method=guide` trains a GPT of the guide's size from scratch for that many
+  steps too and writes out_dir/pytorch_model.bin in Hugging Face's GPT-2 layout
+  (which `--guide=` and transformers' GPT2LMHeadModel read): a trained guide
+  for small studies, where no pretrained GPT-2 fits the tokenizer or the size.
 - A random guide uses GPT-2's initialization (normal 0.02, residual
   projections scaled by 1/sqrt(2 * n_layer)); heads are 64 wide, as in every
   released GPT-2 (so weights files need no head count).
@@ -108,7 +115,7 @@ import common
 # config: every name below can be set on the command line as --name=value
 # I/O
 out_dir = "out-gpt2-rnn"  # checkpoint, results.json and target.pt go here
-data = "wikitext-103"  # "wikitext-103" (Hugging Face download), "generated" (small made-up text, offline),
+data = "wikitext-103"  # "wikitext-103" or "wikitext-2" (Hugging Face download), "generated" (made-up text, offline),
 # or a folder holding wiki.train.raw, wiki.valid.raw and wiki.test.raw (the official zip's layout)
 cache_dir = "token-cache"  # tokenized splits, made once per data source and tokenizer
 tokenizer = "gpt2"  # "gpt2": GPT-2's BPE (tiktoken); "bytes": one token per UTF-8 byte (offline tiny runs)
@@ -121,7 +128,8 @@ guide = "pretrained"  # "pretrained" (OpenAI's GPT-2 small), "random" (untrained
 n_layer = 12  # size of a random guide (weights files carry their own)
 n_embd = 768
 # method
-method = "not"  # "not": Network of Theseus; "naive": all attentions replaced at once, task loss only
+method = "not"  # "not": Network of Theseus; "naive": all attentions replaced at once, task loss only;
+# "guide": train a GPT from scratch (--guide=random) and write out_dir/pytorch_model.bin
 order = "forward"  # "forward": first block first; "reverse": last first
 align_steps = 1000  # CKA alignment steps per stage
 align_lr = 1e-3  # peak learning rate of the new RNN during its alignment
@@ -148,7 +156,7 @@ device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast dtype on CUDA ("float32" to turn autocast off); CPU always runs float32
 seed = 0
 compile = False  # torch.compile the model of the final training (see the docstring)
-preset = ""  # "tiny": the whole conversion on CPU in under two minutes
+preset = ""  # "tiny": the whole conversion on CPU in under two minutes; "small": one arm of the laptop study
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
 PRESETS = {
@@ -156,6 +164,11 @@ PRESETS = {
                  n_embd=128, align_steps=40, align_lr=3e-3, finetune_steps=10, finetune_lr=1e-3, train_steps=60,
                  batch_size=8, seq_len=64, lr=3e-3, warmup_steps=6, eval_interval=0, log_interval=10,
                  ckpt_interval=50),
+    # The laptop study: a 4-block, 128-wide GPT on Wikitext-2, one token per byte (no BPE file, small logits).
+    "small": dict(out_dir="out-gpt2-rnn-small", data="wikitext-2", tokenizer="bytes", guide="random", n_layer=4,
+                  n_embd=128, align_steps=40, align_lr=3e-3, finetune_steps=10, finetune_lr=1e-3, train_steps=400,
+                  batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20, eval_interval=50, log_interval=50,
+                  ckpt_interval=200),
 }
 # -----------------------------------------------------------------------------
 
@@ -163,6 +176,7 @@ SPLITS = {"train": "wiki.train.raw", "val": "wiki.valid.raw", "test": "wiki.test
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 TIKTOKEN_ENV = "GPT2_TIKTOKEN_FILE"
 WIKITEXT_REPO = "Salesforce/wikitext"
+WIKITEXTS = ("wikitext-103", "wikitext-2")  # the --data names loaded from the Hub
 GPT2_REPO = "openai-community/gpt2"
 
 
@@ -327,6 +341,12 @@ def gpt_from_hf_state(state, spec):
     except RuntimeError as e:
         raise common.ConfigError(f"guide {spec!r} does not fit GPT-2: {e}") from None
     return model
+
+
+def hf_state(model):
+    """A GPT's weights as a Hugging Face GPT-2 state dict (Conv1D weights [in, out]; lm_head is tied to wte)."""
+    return {k: v.t().contiguous() if k.endswith(CONV1D_WEIGHTS) else v for k, v in model.state_dict().items()
+            if k != "lm_head.weight"}
 
 
 def read_weights(path):
@@ -498,29 +518,30 @@ def split_lines(data, split, wikitext=None):
     """The lines of one split, newline kept, whitespace-only lines empty (the Hugging Face copy's convention)."""
     if data == "generated":
         return generated_lines(split)
-    if data == "wikitext-103":
+    if data in WIKITEXTS:
         return wikitext[HF_SPLITS[split]]["text"]
     with open(os.path.join(data, SPLITS[split]), encoding="utf-8") as f:
         return [line if line.strip() else "" for line in f]
 
 
-def load_wikitext103():
+def load_wikitext(name):
+    """Wikitext-103 or Wikitext-2 (raw) from the Hugging Face Hub through `datasets`."""
     import datasets
 
     try:
-        return datasets.load_dataset(WIKITEXT_REPO, "wikitext-103-raw-v1")
+        return datasets.load_dataset(WIKITEXT_REPO, f"{name}-raw-v1")
     except Exception as e:
         raise common.ConfigError(
-            f"could not load Wikitext-103 ({WIKITEXT_REPO}, wikitext-103-raw-v1) from the Hugging Face Hub "
-            f"({type(e).__name__}: {e}). Offline, download the official wikitext-103-raw-v1.zip "
-            f"(https://wikitext.smerity.com/wikitext-103-raw-v1.zip), unzip it and pass "
-            f"--data=/path/to/wikitext-103-raw") from None
+            f"could not load {name} ({WIKITEXT_REPO}, {name}-raw-v1) from the Hugging Face Hub "
+            f"({type(e).__name__}: {e}). Offline, download the official {name}-raw-v1.zip "
+            f"(https://wikitext.smerity.com/{name}-raw-v1.zip), unzip it and pass "
+            f"--data=/path/to/{name}-raw") from None
 
 
 def cache_folder(cfg):
     """cache_dir/<source>-<tokenizer>: a local folder is named by its base name and a hash of its absolute path."""
     source = cfg["data"]
-    if source not in ("wikitext-103", "generated"):
+    if source not in WIKITEXTS + ("generated",):
         path = os.path.abspath(source)
         source = f"{os.path.basename(path)}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
     return os.path.join(cfg["cache_dir"], f"{source}-{cfg['tokenizer']}")
@@ -570,7 +591,7 @@ def token_splits(cfg, ctx, log):
         missing = [s for s in SPLITS if cached_tokens(paths[s]) is None]
         if missing:
             encoder = load_tokenizer(cfg["tokenizer"], cfg["tokenizer_file"])
-            wikitext = load_wikitext103() if cfg["data"] == "wikitext-103" else None
+            wikitext = load_wikitext(cfg["data"]) if cfg["data"] in WIKITEXTS else None
             os.makedirs(folder, exist_ok=True)
             for split in missing:
                 t0 = time.time()
@@ -640,7 +661,7 @@ def perplexity(model, tokens, seq_len, batch_size, ctx, dtype):
 
 
 def check_config(cfg):
-    choices = {"method": ("not", "naive"), "order": ("forward", "reverse"), "cka_scope": ("global", "local"),
+    choices = {"method": ("not", "naive", "guide"), "order": ("forward", "reverse"), "cka_scope": ("global", "local"),
                "optimizer": ("adamw", "sgd"), "device": ("auto", "cuda", "cpu"),
                "dtype": ("bfloat16", "float32"), "tokenizer": ("gpt2", "bytes")}
     for key, allowed in choices.items():
@@ -660,9 +681,11 @@ def check_config(cfg):
     if cfg["guide"] not in ("pretrained", "random") and not os.path.exists(cfg["guide"]):
         raise common.ConfigError(f"--guide={cfg['guide']}: expected pretrained, random, or the path of a "
                                  f"model.safetensors / pytorch_model.bin (or a folder holding one)")
-    if cfg["data"] not in ("wikitext-103", "generated"):
+    if cfg["method"] == "guide" and cfg["guide"] != "random":
+        raise common.ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, not {cfg['guide']!r}")
+    if cfg["data"] not in WIKITEXTS + ("generated",):
         if not os.path.isdir(cfg["data"]):
-            raise common.ConfigError(f"--data={cfg['data']}: expected wikitext-103, generated, or a folder holding "
+            raise common.ConfigError(f"--data={cfg['data']}: expected wikitext-103, wikitext-2, generated, or a folder holding "
                                      f"{', '.join(SPLITS.values())}")
         for name in SPLITS.values():
             path = os.path.join(cfg["data"], name)
@@ -673,9 +696,9 @@ def check_config(cfg):
     if cfg["tokenizer"] == "bytes":
         if cfg["tokenizer_file"]:
             raise common.ConfigError("--tokenizer_file is GPT-2's BPE: use it with --tokenizer=gpt2")
-        if cfg["guide"] != "random":
-            raise common.ConfigError(f"--guide={cfg['guide']} reads GPT-2's BPE tokens: use --tokenizer=gpt2, "
-                                     f"or --guide=random with --tokenizer=bytes")
+        if cfg["guide"] == "pretrained":
+            raise common.ConfigError("--guide=pretrained reads GPT-2's BPE tokens: use --tokenizer=gpt2, or a guide "
+                                     "of your own (random, or trained by --method=guide) with --tokenizer=bytes")
     else:
         path = cfg["tokenizer_file"] or os.environ.get(TIKTOKEN_ENV, "")
         if path:
@@ -718,6 +741,10 @@ def main(argv):
     batches = Windows(tokens["train"], per_rank, cfg["seq_len"], cfg["seed"], ctx.rank)
 
     stages = make_stages(cfg, guide_model)
+    train_steps = cfg["train_steps"]
+    if cfg["method"] == "guide":
+        # The random guide itself is trained, no stages, for as many steps as a NoT run takes.
+        train_steps, stages, cfg["eval_guide"] = common.total_grad_steps(stages, train_steps), [], False
 
     def task_loss(model, batch):
         batch = batch.to(ctx.device, non_blocking=True)
@@ -727,7 +754,7 @@ def main(argv):
     task = common.Task(loss=task_loss, inputs=lambda batch: batch[:, :-1], evaluate=evaluate, metric="val_ppl",
                        lower_is_better=True, flops_per_example=lambda model: flops_per_window(model, cfg["seq_len"]))
     t0 = time.time()
-    target, results = common.convert(guide_model, stages, task, batches, cfg, ctx, cfg["train_steps"], log)
+    target, results = common.convert(guide_model, stages, task, batches, cfg, ctx, train_steps, log)
     # The test split, scored once at the end for the target (and the guide).
     results["test_ppl"] = {"guide": evaluate(guide_model, "test") if cfg["eval_guide"] else None,
                            "target": evaluate(target, "test")}
@@ -735,9 +762,12 @@ def main(argv):
         + (f" guide {results['test_ppl']['guide']:.2f}" if cfg["eval_guide"] else ""))
     if ctx.master:
         common.write_json(os.path.join(cfg["out_dir"], "results.json"), results)
-        common.save_atomic({"config": cfg, "arch": asdict(guide_model.cfg), "model": target.state_dict()},
-                           os.path.join(cfg["out_dir"], "target.pt"))
-        log(f"wrote {cfg['out_dir']}/target.pt and results.json in {time.time() - t0:.0f} s")
+        if cfg["method"] == "guide":
+            name, saved = "pytorch_model.bin", hf_state(target)
+        else:
+            name, saved = "target.pt", {"config": cfg, "arch": asdict(guide_model.cfg), "model": target.state_dict()}
+        common.save_atomic(saved, os.path.join(cfg["out_dir"], name))
+        log(f"wrote {cfg['out_dir']}/{name} and results.json in {time.time() - t0:.0f} s")
     common.cleanup_distributed()
 
 

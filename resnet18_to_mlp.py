@@ -10,6 +10,9 @@ convolution left: an MLP with residual connections. Paper (Table 1): guide
 
 Run, first on a laptop (CPU, offline, generated images, under two minutes):
     python resnet18_to_mlp.py --preset=tiny
+The small study's arms (CPU, a few minutes each; README.md has the whole grid):
+    python resnet18_to_mlp.py --preset=small --method=guide --out_dir=out-guide   # trains a ResNet-18
+    python resnet18_to_mlp.py --preset=small --guide=out-guide/guide.pt --seed=1  # NoT, trained guide
 The paper's job, one node of 8 GPUs (global batch 256, 100 task epochs):
     torchrun --nproc_per_node=8 resnet18_to_mlp.py --data_dir=/path/to/imagenet
 Several nodes (run on each, with its --node_rank):
@@ -39,6 +42,9 @@ Decisions the paper leaves open (and the config key to change each):
 - Final training: AdamW, warmup then cosine, `epochs` over the training set.
   The naive baseline trains for exactly as many gradient steps as NoT took in
   all (alignment, fine-tuning and final training together).
+- `--method=guide` trains the guide's own architecture (a ResNet-18) from
+  scratch for that many steps too, and writes out_dir/guide.pt for `--guide=`:
+  a trained guide for data that no pretrained one fits (generated images).
 - On CUDA the runs use bf16 autocast, TF32, fused AdamW, channels_last for
   the convolutions and DataLoader workers with pinned memory. `--compile=True`
   puts the final training's model through torch.compile. Not the per-stage
@@ -77,7 +83,8 @@ resume = False  # continue the run in out_dir from its last checkpoint
 guide = "pretrained"  # "pretrained" (torchvision ImageNet weights), "random" (untrained), or a checkpoint path
 rank = 256  # r, the inner width of each low-rank linear map (the paper: 256 to 1024)
 # method
-method = "not"  # "not": Network of Theseus; "naive": all convolutions replaced at once, task loss only
+method = "not"  # "not": Network of Theseus; "naive": all convolutions replaced at once, task loss only;
+# "guide": train a ResNet-18 from scratch (--guide=random) and write out_dir/guide.pt
 order = "forward"  # "forward": first convolution first; "reverse": last first
 align_steps = 1000  # CKA alignment steps per stage
 align_lr = 1e-3  # peak learning rate of the new module during its alignment
@@ -104,6 +111,7 @@ num_classes = 10
 image_size = 224  # the crop size for ImageNet too
 synthetic_train = 10000
 synthetic_val = 1000
+synthetic_shift = 0  # each generated image moves its class pattern by up to this many pixels
 # system
 device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast dtype on CUDA ("float32" to turn autocast off); CPU always runs float32
@@ -111,7 +119,7 @@ workers = 8  # DataLoader processes per GPU
 seed = 0
 compile = False  # torch.compile the model of the final training (see the docstring)
 shard = False  # task phases under FSDP (fully_shard), not DDP: weights, gradients, AdamW state split over processes
-preset = ""  # "tiny": the whole conversion on CPU in under two minutes
+preset = ""  # "tiny": the whole conversion on CPU in under two minutes; "small": one arm of the laptop study
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
 PRESETS = {
@@ -119,6 +127,12 @@ PRESETS = {
                  synthetic_val=256, rank=32, align_steps=20, align_lr=3e-3, finetune_steps=4, finetune_lr=1e-3,
                  epochs=2, batch_size=32, warmup_steps=5, eval_interval=0, log_interval=4, ckpt_interval=20,
                  workers=0),
+    # The laptop study: 32 x 32 generated images whose class pattern may sit anywhere (rolled by up to 16
+    # pixels), which a convolution handles and an MLP must learn position by position.
+    "small": dict(out_dir="out-resnet18-mlp-small", guide="random", image_size=32, synthetic_train=2500,
+                  synthetic_val=1000, synthetic_shift=16, rank=64, align_steps=20, align_lr=3e-3, finetune_steps=5,
+                  finetune_lr=1e-3, epochs=8, batch_size=64, lr=1e-3, warmup_steps=20, eval_interval=40,
+                  log_interval=40, ckpt_interval=200, workers=0),
 }
 # -----------------------------------------------------------------------------
 
@@ -208,7 +222,7 @@ def load_target(path):
 
 
 def check_config(cfg):
-    common.check_choices(cfg, {"method": ("not", "naive"), "order": ("forward", "reverse"),
+    common.check_choices(cfg, {"method": ("not", "naive", "guide"), "order": ("forward", "reverse"),
                                "cka_scope": ("global", "local"), "optimizer": ("adamw", "sgd"),
                                "device": ("auto", "cuda", "cpu"), "dtype": ("bfloat16", "float32")})
     for key in ("rank", "batch_size", "image_size", "log_interval", "ckpt_interval"):
@@ -219,6 +233,10 @@ def check_config(cfg):
     if cfg["data_dir"] == "" and cfg["guide"] == "pretrained":
         raise common.ConfigError("generated images (empty --data_dir) have their own classes; "
                                  "use --guide=random (or a checkpoint path) with them, or give --data_dir")
+    if cfg["method"] == "guide" and cfg["guide"] != "random":
+        raise common.ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, not {cfg['guide']!r}")
+    if cfg["synthetic_shift"] < 0 or cfg["synthetic_shift"] >= cfg["image_size"]:
+        raise common.ConfigError(f"--synthetic_shift={cfg['synthetic_shift']}: expected 0 to image_size - 1")
 
 
 def main(argv):
@@ -246,13 +264,17 @@ def main(argv):
 
     stages = make_stages(cfg, guide_model, val_set[0][0].unsqueeze(0).to(ctx.device))
     train_steps = cfg["epochs"] * len(batches)
+    if cfg["method"] == "guide":
+        # The random guide itself is trained, no stages, for as many steps as a NoT run takes.
+        train_steps, stages, cfg["eval_guide"] = common.total_grad_steps(stages, train_steps), [], False
     if ctx.device.type == "cuda":  # cuDNN's fastest layout; common.cka flattens such maps without copying them
         guide_model = guide_model.to(memory_format=torch.channels_last)
     t0 = time.time()
-    target, results = common.convert(guide_model, stages, task, batches, cfg, ctx, train_steps, log)
+    model, results = common.convert(guide_model, stages, task, batches, cfg, ctx, train_steps, log)
     if ctx.master:
-        common.save_atomic({"config": cfg, "model": target.state_dict()}, os.path.join(cfg["out_dir"], "target.pt"))
-        log(f"wrote {cfg['out_dir']}/target.pt and results.json in {time.time() - t0:.0f} s")
+        name = "guide.pt" if cfg["method"] == "guide" else "target.pt"
+        common.save_atomic({"config": cfg, "model": model.state_dict()}, os.path.join(cfg["out_dir"], name))
+        log(f"wrote {cfg['out_dir']}/{name} and results.json in {time.time() - t0:.0f} s")
     common.cleanup_distributed()
 
 

@@ -11,10 +11,17 @@ this script are how to check that:
     --method=not      Network of Theseus
     --method=naive    all ResNet-18 stages at once, from scratch, task loss only
     --method=scratch  a plain ResNet-18 trained from scratch
-All three take the same number of gradient steps.
+All three take the same number of gradient steps. A fourth, --method=guide,
+trains a ResNet-50 from scratch as long and writes out_dir/guide.pt, a trained
+guide for data that no pretrained one fits (--guide=out_dir/guide.pt).
 
 Run, first on a laptop (CPU, offline, generated images, about a minute):
     python resnet50_to_resnet18.py --preset=tiny
+The small study's arms (CPU, a few minutes each; README.md has the whole grid):
+    python resnet50_to_resnet18.py --preset=small --seed=1                         # NoT, untrained guide
+    python resnet50_to_resnet18.py --preset=small --method=scratch --seed=1
+    python resnet50_to_resnet18.py --preset=small --method=guide --out_dir=out-guide   # trains a ResNet-50
+    python resnet50_to_resnet18.py --preset=small --guide=out-guide/guide.pt --seed=1  # NoT, trained guide
 The paper's job, one node of 8 GPUs (global batch 256, 100 task epochs):
     torchrun --nproc_per_node=8 resnet50_to_resnet18.py --data_dir=/path/to/imagenet --guide=random
     torchrun --nproc_per_node=8 resnet50_to_resnet18.py --data_dir=/path/to/imagenet --method=scratch
@@ -76,7 +83,8 @@ resume = False  # continue the run in out_dir from its last checkpoint
 # guide
 guide = "random"  # "random" (untrained, the paper's claim), "pretrained" (torchvision ImageNet weights) or a path
 # method
-method = "not"  # "not", "naive" (all stages at once, task loss only) or "scratch" (plain ResNet-18)
+method = "not"  # "not", "naive" (all stages at once, task loss only), "scratch" (plain ResNet-18), or
+# "guide" (a ResNet-50 from scratch, --guide=random, written to out_dir/guide.pt)
 order = "forward"  # "forward": stem+layer1 first, classifier last; "reverse": classifier first
 align_steps = 2000  # CKA alignment steps per stage
 align_lr = 1e-3  # peak learning rate of the new modules during their alignment
@@ -103,13 +111,14 @@ num_classes = 10
 image_size = 224  # the crop size for ImageNet too
 synthetic_train = 10000
 synthetic_val = 1000
+synthetic_shift = 0  # each generated image moves its class pattern by up to this many pixels
 # system
 device = "auto"  # "auto", "cuda" or "cpu"
 dtype = "bfloat16"  # autocast dtype on CUDA ("float32" to turn autocast off); CPU always runs float32
 workers = 8  # DataLoader processes per GPU
 seed = 0
 compile = False  # torch.compile the model of the final training (see the docstring)
-preset = ""  # "tiny": the whole conversion on CPU in about a minute
+preset = ""  # "tiny": the whole conversion on CPU in about a minute; "small": one arm of the laptop study
 config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
 PRESETS = {
@@ -117,6 +126,11 @@ PRESETS = {
                  align_steps=20, align_lr=3e-3, finetune_steps=4, finetune_lr=1e-3, epochs=2, batch_size=32,
                  optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=5, eval_interval=0, log_interval=5,
                  ckpt_interval=20, workers=0),
+    # The laptop study: 32 x 32 generated images, 100 classes of 30 examples each, class patterns anywhere.
+    "small": dict(out_dir="out-resnet50-resnet18-small", image_size=32, num_classes=100, synthetic_train=3000,
+                  synthetic_val=1000, synthetic_shift=16, align_steps=40, align_lr=3e-3, finetune_steps=10,
+                  finetune_lr=1e-3, epochs=6, batch_size=32, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                  warmup_steps=20, eval_interval=60, log_interval=60, ckpt_interval=200, workers=0),
 }
 # -----------------------------------------------------------------------------
 
@@ -225,7 +239,7 @@ def load_target(path):
 
 
 def check_config(cfg):
-    common.check_choices(cfg, {"method": ("not", "naive", "scratch"), "order": ("forward", "reverse"),
+    common.check_choices(cfg, {"method": ("not", "naive", "scratch", "guide"), "order": ("forward", "reverse"),
                                "cka_scope": ("global", "local"), "optimizer": ("adamw", "sgd"),
                                "device": ("auto", "cuda", "cpu"), "dtype": ("bfloat16", "float32")})
     for key in ("batch_size", "image_size", "log_interval", "ckpt_interval"):
@@ -236,6 +250,10 @@ def check_config(cfg):
     if cfg["data_dir"] == "" and cfg["guide"] == "pretrained":
         raise common.ConfigError("generated images (empty --data_dir) have their own classes; "
                                  "use --guide=random (or a checkpoint path) with them, or give --data_dir")
+    if cfg["method"] == "guide" and cfg["guide"] != "random":
+        raise common.ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, not {cfg['guide']!r}")
+    if cfg["synthetic_shift"] < 0 or cfg["synthetic_shift"] >= cfg["image_size"]:
+        raise common.ConfigError(f"--synthetic_shift={cfg['synthetic_shift']}: expected 0 to image_size - 1")
 
 
 def main(argv):
@@ -263,6 +281,9 @@ def main(argv):
 
     stages = make_stages(cfg["order"], num_classes, cfg)
     train_steps = cfg["epochs"] * len(batches)
+    if cfg["method"] == "guide":
+        # The random guide itself is trained, no stages, for as many steps as a NoT run takes.
+        train_steps, stages, cfg["eval_guide"] = common.total_grad_steps(stages, train_steps), [], False
     if cfg["method"] == "scratch":
         # A plain ResNet-18, no stages, trained for as many steps as the NoT run takes in all.
         train_steps = common.total_grad_steps(stages, train_steps)
@@ -273,11 +294,13 @@ def main(argv):
     t0 = time.time()
     hybrid, results = common.convert(guide_model, stages, task, batches, cfg, ctx, train_steps, log)
     if ctx.master:
-        # The hybrid's parameter names are ResNet-18's by construction; strict loading proves nothing else is left.
-        target = torchvision.models.resnet18(num_classes=num_classes)
-        target.load_state_dict(hybrid.state_dict(), strict=True)
-        common.save_atomic({"config": cfg, "model": target.state_dict()}, os.path.join(cfg["out_dir"], "target.pt"))
-        log(f"wrote {cfg['out_dir']}/target.pt and results.json in {time.time() - t0:.0f} s")
+        name, model = "guide.pt", hybrid
+        if cfg["method"] != "guide":
+            # The hybrid's parameter names are ResNet-18's by construction; strict loading proves nothing else is left.
+            name, model = "target.pt", torchvision.models.resnet18(num_classes=num_classes)
+            model.load_state_dict(hybrid.state_dict(), strict=True)
+        common.save_atomic({"config": cfg, "model": model.state_dict()}, os.path.join(cfg["out_dir"], name))
+        log(f"wrote {cfg['out_dir']}/{name} and results.json in {time.time() - t0:.0f} s")
     common.cleanup_distributed()
 
 

@@ -251,6 +251,29 @@ def test_target_reproduces_its_accuracy(runs):
     assert top1 == pytest.approx(read_results(out_dir)["metric"]["value"], abs=1e-6)
 
 
+def test_method_guide_trains_a_vit_that_guide_reads(tmp_path, runs):
+    out_dir = tmp_path / "guide"
+    run([*FAST, f"--out_dir={out_dir}", "--method=guide"], cwd=tmp_path)
+    res = read_results(out_dir)
+    # As many steps as a NoT run takes, all of them task steps of the guide's own ViT.
+    assert res["grad_steps"] == 4 * (4 + 2) + STEPS_PER_EPOCH and res["stages"] == []
+    assert not (out_dir / "target.pt").exists()
+    guide = script.load_guide(str(out_dir / "guide.pt"), **TINY)
+    assert any(isinstance(m, script.Attention) for m in guide.modules())
+    _, val = common.synthetic_images(1024, 256, 10, 32, seed=0)
+    images, labels = val.tensors
+    with torch.no_grad():
+        top1 = 100.0 * (guide(images).argmax(1) == labels).float().mean().item()
+    assert top1 == pytest.approx(res["metric"]["value"], abs=1e-6) and top1 > 30
+    # On the command line too, on the generated images it was trained on.
+    proc = run([*FAST, "--out_dir=unused", f"--guide={out_dir / 'guide.pt'}", "--eval_only=guide"], cwd=tmp_path)
+    assert f"top1 {top1:.2f}" in proc.stdout
+    with pytest.raises(SystemExit, match="was trained on 32 px images, --image_size is 64"):
+        script.load_guide(str(out_dir / "guide.pt"), **dict(TINY, image_size=64))
+    with pytest.raises(SystemExit, match="not a guide.pt written by dinov2_to_patchmlp.py --method=guide"):
+        script.load_guide(os.path.join(runs["not"][0], "target.pt"), **TINY)
+
+
 def test_torchrun_two_processes_in_reverse(tmp_path, runs):
     proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}", "--order=reverse"], cwd=tmp_path, launcher=TORCHRUN_2)
     res = read_results(tmp_path / "ddp")
@@ -267,8 +290,9 @@ def test_torchrun_two_processes_in_reverse(tmp_path, runs):
     (["--head_layers=2"], "--head_layers=2: expected one of 4, 1"),
     (["--depth=3"], "--depth=3: the 4-layer classifier reads the last 4 blocks"),
     (["--embed_dim=96"], "--embed_dim=96: must be a multiple of 64"),
-    (["--guide=nowhere"], "--guide=nowhere: expected pretrained, random, or a folder holding "
-                          "dinov2_vits14_pretrain.pth and dinov2_vits14_linear4_head.pth"),
+    (["--guide=nowhere"], "--guide=nowhere: expected pretrained, random, a folder holding "
+                          "dinov2_vits14_pretrain.pth and dinov2_vits14_linear4_head.pth, or a guide.pt"),
+    (["--method=guide", "--guide=pretrained"], "--method=guide trains a guide from scratch: pass --guide=random"),
     (["--guide=pretrained"], "generated images (empty --data_dir) have their own classes"),
     (["--resume=True"], "no checkpoint at"),
 ])

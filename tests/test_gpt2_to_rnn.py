@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
     common_args = [*FAST, f"--data={data}", f"--cache_dir={tmp / 'cache'}"]
     out = {}
     for name, extra, launcher in [("not", [], (sys.executable,)), ("naive", ["--method=naive"], (sys.executable,)),
-                                  ("ddp", ["--order=reverse"], TORCHRUN_2)]:
+                                  ("ddp", ["--order=reverse"], TORCHRUN_2), ("guide", ["--method=guide"], (sys.executable,))]:
         proc = run([*common_args, f"--out_dir={tmp / name}", *extra], cwd=tmp, launcher=launcher)
         out[name] = (str(tmp / name), proc.stdout)
     out["data"] = data
@@ -128,6 +128,44 @@ def test_naive_takes_as_many_gradient_steps_as_not(runs):
         res["metric"]["value"], rel=1e-4)
     # Same guide, same data: the guide's perplexities agree with the NoT run's.
     assert res["guide_metric"] == pytest.approx(read_results(runs["not"][0])["guide_metric"], rel=1e-6)
+
+
+def test_method_guide_writes_a_gpt2_that_transformers_and_guide_read(runs, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out_dir, log = runs["guide"]
+    res = read_results(out_dir)
+    assert res["grad_steps"] == GRAD_STEPS and res["stages"] == [] and "align" not in log
+    assert not os.path.exists(os.path.join(out_dir, "target.pt"))
+    weights = os.path.join(out_dir, "pytorch_model.bin")
+    # transformers' own GPT-2 reads the file (only the tied lm_head and the mask buffers are not in it) and
+    # scores the validation text, one window at a time, as the run reported.
+    reference = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=128, vocab_size=256)).eval()
+    missing, unexpected = reference.load_state_dict(torch.load(weights), strict=False)
+    assert unexpected == [] and all(k == "lm_head.weight" or k.endswith(".attn.bias") for k in missing)
+    reference.tie_weights()
+    assert reference_ppl(lambda x: reference(x).logits, byte_tokens(runs["data"] / "wiki.valid.raw"),
+                         SEQ_LEN) == pytest.approx(res["metric"]["value"], rel=1e-4)
+    # --guide=PATH takes it as the guide of a conversion.
+    guide = gpt2_to_rnn.load_guide(weights)
+    ids = torch.randint(0, 256, (2, SEQ_LEN))
+    with torch.no_grad():
+        torch.testing.assert_close(guide(ids), reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_wikitext_offline_says_what_to_download(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no connection and nothing cached")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    for name in ("wikitext-2", "wikitext-103"):
+        with pytest.raises(SystemExit) as err:
+            gpt2_to_rnn.load_wikitext(name)
+        message = str(err.value.code)
+        assert f"https://wikitext.smerity.com/{name}-raw-v1.zip" in message
+        assert f"--data=/path/to/{name}-raw" in message
 
 
 def test_torchrun_two_processes_count_every_token_once(runs):
@@ -316,7 +354,8 @@ def test_windows_resume_exactly_and_are_windows_of_the_stream():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data=no/such/folder"], "--data=no/such/folder: expected wikitext-103, generated, or a folder"),
+    (["--data=no/such/folder"], "--data=no/such/folder: expected wikitext-103, wikitext-2, generated, or a folder"),
+    (["--method=guide", "--guide=pretrained"], "--method=guide trains a guide from scratch: pass --guide=random"),
     (["--data=missing_test"], "wiki.test.raw' is missing"),
     (["--data=empty_file"], "wiki.valid.raw' is empty"),
     (["--data=blank_text"], "the val split of 'blank_text' holds no text"),

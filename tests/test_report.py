@@ -39,6 +39,9 @@ def grid(tmp_path):
     for seed, v in enumerate([40.0, 42.0, 38.0, 50.0]):  # seed 3 has no NoT partner: not in the paired column
         dirs.append(write_run(tmp_path / f"naive-{seed}", value=v, seed=seed, method="naive", best=v + 5))
     dirs.append(write_run(tmp_path / "other-lr", value=10.0, lr=0.1))  # a different setting: its own row
+    # The run that trained the guide: an input of the study, not one of its arms.
+    dirs.append(write_run(tmp_path / "guide", value=69.0, guide="random", guide_metric=None, method="guide",
+                          eval_guide=False))
     return dirs, not_trained
 
 
@@ -65,6 +68,28 @@ def test_table_averages_over_seeds_only(grid, tmp_path):
     assert float(cell[("lr=0.1, order=forward", "NoT (trained)")]["mean"]) == 10.0
     table = (tmp_path / "out" / "table.md").read_text()
     assert "62.17 ± 0.60 (n=3)" in table and table in said
+    assert {r["settings"] for r in rows} == {forward, "lr=0.001, order=reverse", "lr=0.1, order=forward"}
+    assert any(line.startswith(f"not in the table: {tmp_path / 'guide'} trained a guide") for line in said)
+
+
+def test_not_is_paired_with_each_baseline_by_seed(tmp_path):
+    dirs = []
+    for seed, (trained, untrained, naive, scratch) in enumerate([(5.0, 5.8, 5.1, 6.0), (5.2, 5.6, 5.0, 6.5),
+                                                                  (4.9, 5.9, 5.3, 6.1)]):
+        dirs.append(write_run(tmp_path / f"t{seed}", value=trained, seed=seed))
+        dirs.append(write_run(tmp_path / f"u{seed}", value=untrained, seed=seed, guide="random"))
+        dirs.append(write_run(tmp_path / f"n{seed}", value=naive, seed=seed, guide="random", method="naive"))
+        dirs.append(write_run(tmp_path / f"s{seed}", value=scratch, seed=seed, guide="random", method="scratch"))
+    common.report(dirs, str(tmp_path / "out"), say=lambda line: None)
+    cell = {r["column"]: (float(r["mean"]), float(r["standard_error"]))
+            for r in csv.DictReader(open(tmp_path / "out" / "table.csv"))}
+    for heading, differences in [("NoT (trained) - naive (untrained)", [-0.1, 0.2, -0.4]),
+                                 ("NoT - naive (untrained)", [0.7, 0.6, 0.6]),
+                                 ("NoT (trained) - scratch", [-1.0, -1.3, -1.2]),
+                                 ("NoT (untrained) - scratch", [-0.2, -0.9, -0.2])]:
+        assert cell[heading] == pytest.approx((statistics.mean(differences),
+                                               statistics.stdev(differences) / 3 ** 0.5)), heading
+    assert "NoT - naive (trained)" not in cell  # no naive run with a trained guide
 
 
 def test_validation_selected_results(grid, tmp_path):
@@ -103,12 +128,15 @@ def test_bad_folders_are_named_and_skipped(tmp_path):
     (tmp_path / "truncated" / "results.json").write_text('{"script": "resnet18_to_mlp.py", "sta')
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "results.json").write_text('{"accuracy": 3}')
+    (tmp_path / "run.log").write_text("step 1\n")
     proc = subprocess.run([sys.executable, f"{ROOT}/common.py", "report", good, running, str(tmp_path / "truncated"),
-                           str(tmp_path / "foreign"), str(tmp_path / "missing"), f"--out={tmp_path / 'out'}"],
+                           str(tmp_path / "foreign"), str(tmp_path / "missing"), str(tmp_path / "run.log"),
+                           f"--out={tmp_path / 'out'}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"in progress: {running} (2 stages recorded)" in proc.stdout
     assert f"skipped {tmp_path / 'truncated' / 'results.json'}: not valid JSON" in proc.stdout
     assert f"skipped {tmp_path / 'foreign' / 'results.json'}: not a results.json" in proc.stdout
     assert f"skipped {tmp_path / 'missing' / 'results.json'}: missing" in proc.stdout
+    assert f"skipped {tmp_path / 'run.log'}: not a folder" in proc.stdout
     assert "50.00 (n=1)" in proc.stdout

@@ -84,6 +84,25 @@ def test_target_has_no_convolution_and_reproduces_its_accuracy(runs):
     assert top1 == pytest.approx(read_results(out_dir)["metric"]["value"], abs=1e-6)
 
 
+def test_method_guide_trains_a_resnet18_that_guide_reads(tmp_path):
+    out_dir = tmp_path / "guide"
+    run([*FAST, f"--out_dir={out_dir}", "--method=guide"], cwd=tmp_path)
+    res = read_results(out_dir)
+    # As many steps as a NoT run takes, all of them task steps of a plain ResNet-18.
+    assert res["grad_steps"] == 20 * (4 + 2) + STEPS_PER_EPOCH and res["stages"] == []
+    assert res["metric"]["value"] > 30 and not (out_dir / "target.pt").exists()
+    guide = torchvision.models.resnet18(num_classes=10).eval()
+    guide.load_state_dict(common.load_checkpoint(str(out_dir / "guide.pt"))["model"])
+    _, val = common.synthetic_images(1024, 256, 10, 32, seed=0)
+    images, labels = val.tensors
+    with torch.no_grad():
+        top1 = 100.0 * (guide(images).argmax(1) == labels).float().mean().item()
+    assert top1 == pytest.approx(res["metric"]["value"], abs=1e-6)
+    # --guide=PATH reads it back: evaluated as the guide, it scores the same.
+    proc = run([*FAST, "--out_dir=unused", f"--guide={out_dir / 'guide.pt'}", "--eval_only=guide"], cwd=tmp_path)
+    assert f"top1 {top1:.2f}" in proc.stdout
+
+
 def test_torchrun_two_processes(tmp_path, runs):
     proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}"], cwd=tmp_path, launcher=TORCHRUN_2)
     res = read_results(tmp_path / "ddp")
@@ -128,6 +147,8 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path, runs):
     (["--guide=corrupt.pt"], "checkpoint 'corrupt.pt' could not be read"),
     (["--guide=missing.pt"], "checkpoint 'missing.pt' does not exist"),
     (["--resume=True"], "no checkpoint at"),
+    (["--method=guide", "--guide=corrupt.pt"], "--method=guide trains a guide from scratch: pass --guide=random"),
+    (["--synthetic_shift=32"], "--synthetic_shift=32: expected 0 to image_size - 1"),
 ])
 def test_bad_input_stops_with_a_message_and_writes_nothing(tmp_path, args, message):
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")

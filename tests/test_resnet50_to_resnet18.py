@@ -62,14 +62,14 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     out = {}
     for name, extra in [("not", []), ("reverse", ["--order=reverse"]), ("naive", ["--method=naive"]),
-                        ("scratch", ["--method=scratch"])]:
+                        ("scratch", ["--method=scratch"]), ("guide", ["--method=guide"])]:
         run([*FAST, f"--out_dir={tmp / name}", *extra], cwd=tmp)
         out[name] = str(tmp / name)
     return out
 
 
 def test_all_arms_take_the_same_number_of_steps(runs):
-    for name in ("not", "reverse", "naive", "scratch"):
+    for name in ("not", "reverse", "naive", "scratch", "guide"):
         res = read_results(runs[name])
         assert res["status"] == "done" and res["grad_steps"] == STEPS, name
         assert res["metric"]["value"] > 30, name  # chance is 10%
@@ -78,6 +78,17 @@ def test_all_arms_take_the_same_number_of_steps(runs):
     assert [list(s["cka"]) for s in read_results(runs["reverse"])["stages"]] == [
         ["fc"], ["layer4"], ["layer3"], ["layer2"], ["layer1"]]
     assert read_results(runs["scratch"])["guide_metric"] is None
+
+
+def test_method_guide_trains_a_resnet50_that_guide_reads(runs):
+    assert not os.path.exists(os.path.join(runs["guide"], "target.pt"))
+    guide = script.load_guide(os.path.join(runs["guide"], "guide.pt"))
+    assert sum(isinstance(m, torchvision.models.resnet.Bottleneck) for m in guide.modules()) == 16
+    _, val = common.synthetic_images(1024, 256, 10, 32, seed=0)
+    images, labels = val.tensors
+    with torch.no_grad():
+        top1 = 100.0 * (guide(images).argmax(1) == labels).float().mean().item()
+    assert top1 == pytest.approx(read_results(runs["guide"])["metric"]["value"], abs=1e-6)
 
 
 def test_target_is_the_model_the_run_ended_with(runs):
@@ -103,7 +114,8 @@ def test_torchrun_two_processes(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method=distill"], "--method=distill: expected one of not, naive, scratch"),
+    (["--method=distill"], "--method=distill: expected one of not, naive, scratch, guide"),
+    (["--method=guide", "--guide=resnet18.pt"], "--method=guide trains a guide from scratch: pass --guide=random"),
     (["--guide=resnet18.pt"], "does not fit ResNet-50: missing keys ['layer1.0.conv3.weight'"),
     (["--batch_size=0"], "--batch_size must be positive"),
     (["--data_dir=nowhere"], "data_dir 'nowhere' is not a folder"),
