@@ -678,6 +678,10 @@ def atomic_path(path):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                suffix=os.path.splitext(path)[1])
     os.close(fd)
+    # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -1080,7 +1084,8 @@ def write_results(cfg, state, task, final, status, ctx):
     best = (min if task.lower_is_better else max)(evals, key=lambda e: e[1]) if evals else None
     results = {"script": os.path.basename(sys.argv[0]), "status": status, "config": cfg,
                "guide_metric": state["guide_metric"], "stages": state["records"],
-               "metric": {"name": task.metric, "value": final}, "grad_steps": state["grad_steps"],
+               "metric": {"name": task.metric, "value": final, "lower_is_better": task.lower_is_better},
+               "grad_steps": state["grad_steps"],
                "evals": evals, "best": {"value": best[1], "step": best[0]} if best else None}
     if ctx.master:
         write_json(os.path.join(cfg["out_dir"], "results.json"), results)
@@ -1294,8 +1299,9 @@ def plot_stages(runs, path, size=(900, 560)):
     if not curves:
         return False
     values = [v for c in curves.values() for _, v in c] + list(lines.values())
-    # A log axis where values span more than a factor of 10 (an untrained guide's perplexity against a trained one's).
-    log = min(values) > 0 and max(values) / min(values) > 10
+    # A log axis for a lower-is-better metric (perplexity) whose values span more than a factor of 10 (an untrained
+    # guide's against a trained one's); accuracies stay linear.
+    log = runs[0]["metric"].get("lower_is_better", False) and min(values) > 0 and max(values) / min(values) > 10
     scale = math.log10 if log else float
     low, high = scale(min(values)), scale(max(values))
     margin = max(high - low, 1e-6) * 0.05

@@ -453,7 +453,8 @@ def check_config(cfg):
         raise common.ConfigError(f"--guide={cfg['guide']}: expected pretrained, random, a folder holding "
                                  f"{BACKBONE_FILE} and {head_file(cfg['head_layers'])}, or a guide.pt")
     if cfg["method"] == "guide" and cfg["guide"] != "random":
-        raise common.ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, not {cfg['guide']!r}")
+        raise common.ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, "
+                                 f"not {cfg['guide']!r}")
     if cfg["data_dir"] == "" and (cfg["guide"] == "pretrained" or os.path.isdir(cfg["guide"])):
         raise common.ConfigError("generated images (empty --data_dir) have their own classes; use --guide=random "
                                  "or a guide.pt trained on them (--method=guide), or give --data_dir")

@@ -682,11 +682,12 @@ def check_config(cfg):
         raise common.ConfigError(f"--guide={cfg['guide']}: expected pretrained, random, or the path of a "
                                  f"model.safetensors / pytorch_model.bin (or a folder holding one)")
     if cfg["method"] == "guide" and cfg["guide"] != "random":
-        raise common.ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, not {cfg['guide']!r}")
+        raise common.ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, "
+                                 f"not {cfg['guide']!r}")
     if cfg["data"] not in WIKITEXTS + ("generated",):
         if not os.path.isdir(cfg["data"]):
-            raise common.ConfigError(f"--data={cfg['data']}: expected wikitext-103, wikitext-2, generated, or a folder holding "
-                                     f"{', '.join(SPLITS.values())}")
+            raise common.ConfigError(f"--data={cfg['data']}: expected wikitext-103, wikitext-2, generated, or a "
+                                     f"folder holding {', '.join(SPLITS.values())}")
         for name in SPLITS.values():
             path = os.path.join(cfg["data"], name)
             if not os.path.isfile(path):

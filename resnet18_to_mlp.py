@@ -234,7 +234,8 @@ def check_config(cfg):
         raise common.ConfigError("generated images (empty --data_dir) have their own classes; "
                                  "use --guide=random (or a checkpoint path) with them, or give --data_dir")
     if cfg["method"] == "guide" and cfg["guide"] != "random":
-        raise common.ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, not {cfg['guide']!r}")
+        raise common.ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, "
+                                 f"not {cfg['guide']!r}")
     if cfg["synthetic_shift"] < 0 or cfg["synthetic_shift"] >= cfg["image_size"]:
         raise common.ConfigError(f"--synthetic_shift={cfg['synthetic_shift']}: expected 0 to image_size - 1")
 

@@ -86,7 +86,8 @@ def runs(tmp_path_factory):
     common_args = [*FAST, f"--data={data}", f"--cache_dir={tmp / 'cache'}"]
     out = {}
     for name, extra, launcher in [("not", [], (sys.executable,)), ("naive", ["--method=naive"], (sys.executable,)),
-                                  ("ddp", ["--order=reverse"], TORCHRUN_2), ("guide", ["--method=guide"], (sys.executable,))]:
+                                  ("ddp", ["--order=reverse"], TORCHRUN_2),
+                                  ("guide", ["--method=guide"], (sys.executable,))]:
         proc = run([*common_args, f"--out_dir={tmp / name}", *extra], cwd=tmp, launcher=launcher)
         out[name] = (str(tmp / name), proc.stdout)
     out["data"] = data
@@ -96,7 +97,7 @@ def runs(tmp_path_factory):
 def test_not_converts_every_block_and_reports_its_perplexity(runs):
     out_dir, log = runs["not"]
     res = read_results(out_dir)
-    assert res["status"] == "done" and res["grad_steps"] == GRAD_STEPS
+    assert res["status"] == "done" and res["grad_steps"] == GRAD_STEPS and res["metric"]["lower_is_better"]
     assert [s["replaced"] for s in res["stages"]] == [["transformer.h.0.attn"], ["transformer.h.1.attn"]]
     for stage in res["stages"]:
         assert (stage["align_steps"], stage["finetune_steps"]) == (6, 2)

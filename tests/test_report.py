@@ -1,6 +1,7 @@
 """python common.py report: Table 1 and Figure 1 from run folders."""
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,10 @@ def test_table_averages_over_seeds_only(grid, tmp_path):
     assert float(cell[("lr=0.1, order=forward", "NoT (trained)")]["mean"]) == 10.0
     table = (tmp_path / "out" / "table.md").read_text()
     assert "62.17 ± 0.60 (n=3)" in table and table in said
+    # Written through a temporary file, yet readable as if written by open(): the umask decides, not mkstemp.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "out" / "table.md").st_mode & 0o777 == 0o666 & ~umask
     assert {r["settings"] for r in rows} == {forward, "lr=0.001, order=reverse", "lr=0.1, order=forward"}
     assert any(line.startswith(f"not in the table: {tmp_path / 'guide'} trained a guide") for line in said)
 

@@ -47,7 +47,7 @@ def test_not_forward_records_every_stage(runs):
         assert (stage["align_steps"], stage["finetune_steps"]) == (4, 2)
         assert set(stage["cka"]) == set(stage["replaced"]) and all(-1 <= v <= 1 for v in stage["cka"].values())
         assert 0 <= stage["top1"] <= 100
-    assert res["metric"]["name"] == "top1"
+    assert res["metric"]["name"] == "top1" and res["metric"]["lower_is_better"] is False
     assert res["metric"]["value"] > 30  # chance is 10% on the 10 generated classes
     assert res["grad_steps"] == 20 * (4 + 2) + STEPS_PER_EPOCH
     assert res["config"]["method"] == "not" and res["config"]["seed"] == 0
