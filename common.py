@@ -1183,8 +1183,8 @@ def _value(run, select):
 def table_rows(runs, select="final"):
     """Rows of Table 1: one per conversion and distinct setting, runs averaged over seeds only.
 
-    Besides the columns, the differences in _PAIRS (NoT against a baseline) of the two arms paired by
-    seed (same seed, same guide kind), mean and standard error over the pairs.
+    Besides the columns, the differences in _PAIRS (a NoT arm against a baseline arm) paired by seed, mean
+    and standard error over the seeds both arms ran.
 
     Each row: {"script", "metric", "settings" (what sets it apart from other rows of the same script),
     "runs", "guide": cell, heading: cell, ...}, a cell being (mean, standard error or None, number of seeds).
@@ -1210,8 +1210,8 @@ def table_rows(runs, select="final"):
         for arm, heading in _COLUMNS:
             if arm in arms:
                 row[heading] = _mean_se(list(arms[arm].values()))
-        for ours, theirs, heading in _PAIRS:
-            ours, theirs = arms.get(ours, {}), arms.get(theirs, {})
+        for not_arm, baseline_arm, heading in _PAIRS:
+            ours, theirs = arms.get(not_arm, {}), arms.get(baseline_arm, {})
             pairs = [ours[seed] - theirs[seed] for seed in sorted(set(ours) & set(theirs))]
             if pairs:
                 row[heading] = _mean_se(pairs)
