@@ -22,6 +22,7 @@ Sections, in the order a script uses them:
 import ast
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -982,6 +983,7 @@ def _task_phase(hybrid, label, steps, peak_lr, warmup, is_final, task, batches, 
         with autocast(ctx.device, cfg["dtype"]):
             loss = task.loss(model, batch)
         loss.backward()
+        loss = loss.detach()  # the value for the log line; the graph would keep a sharded copy alive (see below)
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg["grad_clip"])
         opt.step()
@@ -1004,6 +1006,11 @@ def _task_phase(hybrid, label, steps, peak_lr, warmup, is_final, task, batches, 
             log(f"{label} step {step + 1}/{steps} | {task.metric} {state['evals'][-1][1]:.4f}")
     if sharded:
         _copy_shards(trained, hybrid)
+        # fully_shard's hooks hold the sharded copy in reference cycles: without a collection, its shards and its
+        # optimizer state would stay allocated until Python's collector next runs, perhaps only at interpreter
+        # exit, after the process group they belong to is destroyed.
+        del model, trained, opt, opt_state, gathered_state
+        gc.collect()
 
 
 def _shard(model):

@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import common
+from runs import spawn_two
 
 CFG = {"dtype": "float32", "cka_unbiased": False, "cka_scope": "global", "grad_clip": 1.0}
 COMPARE = [("1", "1"), ("4", "4")]  # two replaced modules, one after the other
@@ -42,9 +42,9 @@ def align(rank, world, scope, out):
         torch.save({"cka": history, "weights": [p.detach().clone() for p in params]}, out)
 
 
-def worker(rank, world, scope, out, init_file):
+def worker(rank, init_method, world, scope, out):
     torch.set_num_threads(1)  # two processes share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         align(rank, world, scope, out)
         dist.barrier()  # gloo may abort a process that leaves while the other still runs
@@ -54,7 +54,7 @@ def worker(rank, world, scope, out, init_file):
 
 def run_two_processes(tmp_path, scope):
     out = str(tmp_path / f"two-{scope}.pt")
-    mp.spawn(worker, args=(2, scope, out, str(tmp_path / f"init-{scope}")), nprocs=2)
+    spawn_two(worker, (2, scope, out), str(tmp_path))
     return torch.load(out)
 
 
