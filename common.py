@@ -181,7 +181,8 @@ def cleanup_distributed():
 
 
 def autocast(device, dtype):
-    """bf16 autocast on CUDA (dtype "bfloat16"; float16 would need loss scaling, so it is not offered); float32 on CPU."""
+    """bf16 autocast on CUDA (dtype "bfloat16"; float16 would need loss scaling, so it is not offered); float32
+    on CPU."""
     if device.type != "cuda" or dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=getattr(torch, dtype))
@@ -447,7 +448,8 @@ def io_shapes(model, x, names):
 
 
 def replace(model, name, new, in_shape, out_shape):
-    """Swap the submodule at `name` for `new` after checking that `new` maps the old input shape to the old output shape."""
+    """Swap the submodule at `name` for `new` after checking that `new` maps the old input shape to the old output
+    shape."""
     param = next(new.parameters(), None)
     device = param.device if param is not None else "cpu"
     with torch.no_grad():
@@ -1066,7 +1068,8 @@ def _set_rng_state(state):
 
 
 def _save(path, hybrid, opt_state, batches, cfg, ctx, state):
-    """The one checkpoint dict: where the run is, the hybrid, the phase's optimizer, the data position, every rank's RNG.
+    """The one checkpoint dict: where the run is, the hybrid, the phase's optimizer, the data position, every
+    rank's RNG.
 
     opt_state: None between phases, else a function returning the optimizer's state dict, called on every
     process (a sharded optimizer gathers its state).
@@ -1254,7 +1257,8 @@ def report(run_dirs, out_dir=".", select="final", say=print):
         for heading, cell in zip(headings, cells):
             if cell is not None:
                 se = "" if cell[1] is None else f"{cell[1]:.10g}"
-                csv.append(f"{row['script']},{row['metric']},\"{row['settings']}\",{heading},{cell[0]:.10g},{se},{cell[2]}")
+                csv.append(f"{row['script']},{row['metric']},\"{row['settings']}\",{heading},{cell[0]:.10g},{se},"
+                           f"{cell[2]}")
     os.makedirs(out_dir, exist_ok=True)
     table = "\n".join(lines) + "\n"
     say(table)
@@ -1299,7 +1303,8 @@ def stage_curves(runs):
 
 
 def plot_stages(runs, path, size=(900, 560)):
-    """Draw Figure 1 (metric after each stage; baselines as dashed lines) as a PNG; False when there is nothing to draw."""
+    """Draw Figure 1 (metric after each stage; baselines as dashed lines) as a PNG; False when there is nothing to
+    draw."""
     from PIL import Image, ImageDraw, ImageFont
 
     curves, lines = stage_curves(runs)

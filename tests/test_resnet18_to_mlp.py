@@ -116,8 +116,8 @@ def test_torchrun_two_processes(tmp_path, runs):
 def test_resume_after_kill_gives_the_same_weights(tmp_path, runs):
     out_dir = tmp_path / "killed"
     args = [*FAST, f"--out_dir={out_dir}", "--ckpt_interval=3"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "resnet18_to_mlp.py"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "resnet18_to_mlp.py"), *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill it in the middle of the schedule, once a few stages are done.
     deadline = time.time() + 300
     while time.time() < deadline:
