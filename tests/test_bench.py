@@ -1,9 +1,10 @@
-"""bench.py: it runs at --size=tiny and writes a well-formed bench.json whose non-timing facts are right.
+"""tools/bench.py: it runs at --size=tiny and writes a well-formed bench.json whose non-timing facts are right.
 
 No test here looks at a timing's value.
 """
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,9 +22,21 @@ SCRIPTS = ("resnet18_to_mlp", "dinov2_to_patchmlp", "gpt2_to_rnn", "resnet50_to_
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
-    proc = run_script("bench.py", ["--size=tiny", "--repeats=1", "--warmup=0", f"--out={tmp / 'b.json'}"], cwd=tmp)
+    proc = run_script("tools/bench.py", ["--size=tiny", "--repeats=1", "--warmup=0", f"--out={tmp / 'b.json'}"], cwd=tmp)
     with open(tmp / "b.json") as f:
         return json.load(f), proc.stdout
+
+
+def conv_shapes(model, size):
+    """{name: (input shape, output shape)} of every Conv2d, from forward hooks."""
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.update({n: (i[0].shape[1:], o.shape[1:])}))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return shapes
 
 
 def positive(value):
@@ -66,9 +79,8 @@ def test_parameter_counts_and_flops_match_independent_counts(report):
     assert mlp[0]["params"] == sum(p.numel() for p in torchvision.models.resnet18(num_classes=10).parameters())
     # The target: every convolution a Linear(in -> 32) without bias and a Linear(32 -> out) with one.
     guide = torchvision.models.resnet18(num_classes=10).eval()
-    names = resnet18_to_mlp.conv_names(guide)
-    shapes = common.io_shapes(guide, torch.zeros(1, 3, 32, 32), names)
-    kept = sum(p.numel() for n, p in guide.named_parameters() if n.rsplit(".", 1)[0] not in names)
+    shapes, kept = conv_shapes(guide, 32), sum(p.numel() for n, p in guide.named_parameters() if "conv" not in n
+                                                and "downsample.0" not in n)
     assert mlp[1]["params"] == kept + sum(32 * math.prod(i) + 32 * math.prod(o) + math.prod(o)
                                           for i, o in shapes.values())
     # and its FLOPs: one multiply-add per weight of the low-rank maps, the rest BatchNorm, pooling and fc
@@ -96,8 +108,9 @@ def test_scale_table_arithmetic(report):
     # about 4.67 million x r parameters: 1.2 billion at r = 256, 4.8 billion at r = 1024
     assert 1.19e9 < rows[0]["params"] < 1.21e9 and 4.77e9 < rows[2]["params"] < 4.79e9
     # the formula against a real model (at a rank small enough to build)
-    target = resnet18_to_mlp.build_target(1000, 224, 2)
-    assert bench.mlp_params(2) == sum(p.numel() for p in target.parameters())
+    guide = torchvision.models.resnet18(num_classes=1000)
+    stages = resnet18_to_mlp.make_stages(guide, torch.zeros(1, 3, 224, 224), SimpleNamespace(rank=2, order="forward"))
+    assert bench.mlp_params(2) == sum(p.numel() for p in common.swapped(guide, stages).parameters())
 
 
 def test_cached_gpt2_step_matches_the_full_forward():

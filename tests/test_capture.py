@@ -1,4 +1,6 @@
 """Activation capture with early stop, and module replacement by dotted name."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -41,42 +43,47 @@ def test_forward_until_names_missing_modules():
         common.forward_until(small_net(), torch.randn(2, 4), ["0", "nope"])
 
 
-def test_replace_checks_shapes_and_returns_old():
-    net = small_net()
-    shapes = common.io_shapes(net, torch.randn(2, 4), ["2"])
-    assert shapes["2"] == ((8,), (8,))
-    with pytest.raises(ValueError, match=r"'2'.*\(5,\).*\(8,\)"):
-        common.replace(net, "2", nn.Linear(8, 5), *shapes["2"])
-    new = nn.Linear(8, 8)
-    old = common.replace(net, "2", new, *shapes["2"])
-    assert isinstance(old, Counting) and net[2] is new
+def test_replace_gives_make_new_the_old_module_and_its_shapes():
+    net, seen = small_net(), []
+
+    def make_new(old, in_shape, out_shape):
+        seen.append((old, in_shape, out_shape))
+        return nn.Linear(in_shape[0], out_shape[0])
+
+    old = net[2]
+    assert common.replace(net, "2", make_new, torch.randn(1, 4)) is old
+    assert seen == [(old, (8,), (8,))] and type(net[2]) is nn.Linear
+    assert net[4].calls == 0  # the shapes came from a forward pass that stopped at the replaced module
+    with pytest.raises(ValueError, match=r"'4'.*\(8,\) to \(5,\).*returns \(3,\)"):
+        common.replace(net, "4", lambda old, i, o: nn.Linear(8, 5), torch.randn(1, 4))
 
 
-def test_dotted_names_reach_nested_modules():
-    model = torchvision.models.resnet18(num_classes=10)
-    new = nn.Identity()
-    common.set_module(model, "layer2.0.downsample.0", new)
-    assert model.layer2[0].downsample[0] is new
-    assert common.get_module(model, "layer1.1.conv2") is model.layer1[1].conv2
+def test_replace_reaches_nested_modules_and_leaves_batchnorm_alone():
+    model = torchvision.models.resnet18(num_classes=10).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    common.replace(model, "layer2.0.downsample.0", lambda old, i, o: nn.Identity() if i == o else
+                   nn.Conv2d(old.in_channels, old.out_channels, 1, stride=2), torch.randn(1, 3, 32, 32))
+    assert type(model.layer2[0].downsample[0]) is nn.Conv2d and model.training
+    # The probe ran in eval mode: no running statistics moved.
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_every_resnet18_convolution_can_be_replaced(image_size):
     torch.manual_seed(0)
     guide = torchvision.models.resnet18(num_classes=10).eval()
-    names = resnet18_to_mlp.conv_names(guide)
-    assert len(names) == 20 and sum("downsample" in n for n in names) == 3
     x = torch.randn(2, 3, image_size, image_size)
-    shapes = common.io_shapes(guide, x, names)
+    stages = resnet18_to_mlp.make_stages(guide, x[:1], SimpleNamespace(rank=8, order="forward"))
+    names = [n for n, m in guide.named_modules() if isinstance(m, nn.Conv2d)]
+    assert [s.train for s in stages] == [[n] for n in names] and len(names) == 20
+    target = common.swapped(guide, stages).eval()
+    assert not any(isinstance(m, nn.Conv2d) for m in target.modules())
+    # Each low-rank map maps the convolution's input shape to its output shape, by the convolution arithmetic.
     for name in names:
-        conv = common.get_module(guide, name)
-        in_shape, out_shape = shapes[name]
-        # Independent check of the probed shapes from the convolution arithmetic.
-        h = in_shape[1]
-        expected_h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-        assert out_shape == (conv.out_channels, expected_h, expected_h) and in_shape[0] == conv.in_channels
-    hybrid = resnet18_to_mlp.build_target(10, image_size, rank=8).eval()
-    assert not any(isinstance(m, nn.Conv2d) for m in hybrid.modules())
-    hybrid_shapes = common.io_shapes(hybrid, x, names)
-    assert hybrid_shapes == shapes
-    assert hybrid(x).shape == (2, 10)
+        conv, mlp = guide.get_submodule(name), target.get_submodule(name)
+        (out,) = common.forward_until(target, x, [name])
+        h_in = round((mlp.down.in_features / conv.in_channels) ** 0.5)
+        expected = (h_in + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        assert out.shape == (2, conv.out_channels, expected, expected) == (2, *mlp.out_shape)
+        assert out.shape == common.forward_until(guide, x, [name])[0].shape
+    assert target(x).shape == (2, 10)

@@ -58,10 +58,27 @@ def test_cka_matches_reference(n, d1, d2):
     assert common.cka(x, y).item() == pytest.approx(reference_cka(x, y), abs=1e-5)
 
 
+def test_textbook_cka_is_kornblith_et_al():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 7, generator=g)
+    y = torch.sin(x @ torch.randn(7, 9, generator=g)) + 0.3 * torch.randn(20, 9, generator=g)
+    assert common.textbook_cka(x, y).item() == pytest.approx(reference_cka(x, y), abs=1e-12)
+
+
+@pytest.mark.parametrize("n, d1, d2", [(16, 300, 200), (256, 12, 9), (64, 64, 64)])
+def test_fast_cka_equals_the_textbook_form(n, d1, d2):
+    # Shapes that pick the Gram form, the feature form, and the boundary between them.
+    g = torch.Generator().manual_seed(d1)
+    x = torch.randn(n, d1, generator=g) * 3 + 1
+    y = torch.relu(x[:, :min(d1, d2)] @ torch.randn(min(d1, d2), d2, generator=g)) + torch.randn(n, d2, generator=g)
+    assert common.cka(x, y).item() == pytest.approx(common.textbook_cka(x, y).item(), abs=1e-5)
+
+
 def test_gram_and_feature_forms_agree(pair):
     x, y = pair[0].flatten(1), pair[1]
+    x, y = x - x.mean(0), y - y.mean(0)
     for unbiased in (False, True):
-        gram = common._hsic_gram(x @ x.T, y @ y.T, unbiased)
+        gram = common._hsic_gram(common._center_gram(x @ x.T), common._center_gram(y @ y.T), unbiased)
         feat = common._hsic_features(x, y, unbiased)
         for a, b in zip(gram, feat):
             assert a.item() == pytest.approx(b.item(), rel=1e-4)

@@ -1,4 +1,4 @@
-"""Config overrides the nanoGPT way: --key=value, typed, with clear errors."""
+"""Settings the nanoGPT way: --key=value over a script's settings and presets, typed, checked, with clear errors."""
 import pytest
 
 import common
@@ -8,26 +8,52 @@ PRESETS = {"tiny": {"steps": 2, "guide": "random"}}
 
 
 def test_overrides_keep_types():
-    cfg = common.parse_config(DEFAULTS, ["--lr=3", "--steps=7", "--resume=True", "--guide=some/path.pt"])
+    cfg = common.parse_flags(DEFAULTS, ["--lr=3", "--steps=7", "--resume=True", "--guide=some/path.pt"])
     assert cfg == {"lr": 3.0, "steps": 7, "resume": True, "guide": "some/path.pt", "preset": ""}
     assert type(cfg["lr"]) is float
     assert DEFAULTS["steps"] == 10  # the defaults are not modified
 
 
 def test_preset_then_explicit_flags_win():
-    cfg = common.parse_config(DEFAULTS, ["--steps=5", "--preset=tiny"], PRESETS)
+    cfg = common.parse_flags(DEFAULTS, ["--steps=5", "--preset=tiny"], PRESETS)
     assert (cfg["steps"], cfg["guide"], cfg["preset"]) == (5, "random", "tiny")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lrr=1"], "unknown config key 'lrr'; valid keys: guide, lr, preset, resume, steps"),
-    (["--steps=1.5"], "--steps=1.5: expected a int"),
-    (["--resume=maybe"], "--resume=maybe: expected a bool"),
-    (["--lr=fast"], "--lr=fast: expected a float"),
-    (["steps=3"], "not of the form --key=value"),
-    (["--preset=huge"], "unknown preset 'huge'; valid presets: tiny"),
+@pytest.mark.parametrize("argv, presets, message", [
+    (["--lrr=1"], PRESETS, "unknown config key 'lrr'; valid keys: guide, lr, preset, resume, steps"),
+    (["--steps=1.5"], PRESETS, "--steps=1.5: expected a int"),
+    (["--resume=maybe"], PRESETS, "--resume=maybe: expected a bool"),
+    (["--lr=fast"], PRESETS, "--lr=fast: expected a float"),
+    (["steps=3"], PRESETS, "not of the form --key=value"),
+    (["--preset=huge"], PRESETS, "unknown preset 'huge'; valid presets: tiny"),
+    # A preset is checked like the flags: a stale key, or a value of the wrong type.
+    (["--preset=tiny"], {"tiny": {"steps": 2, "stpes": 3}}, "preset 'tiny' sets unknown config keys ['stpes']"),
+    (["--preset=tiny"], {"tiny": {"steps": "2"}}, "--steps='2': expected a int"),
 ])
-def test_bad_arguments_name_the_problem(argv, message):
+def test_bad_arguments_name_the_problem(argv, presets, message):
     with pytest.raises(SystemExit) as err:
-        common.parse_config(DEFAULTS, argv, PRESETS)
+        common.parse_flags(DEFAULTS, argv, presets)
     assert message in str(err.value.code)
+
+
+def test_a_script_adds_its_settings_and_changes_shared_defaults():
+    cfg = common.configure({"rank": 8, "lr": 0.5}, ["--rank=16", "--order=reverse"])
+    assert (cfg.rank, cfg.lr, cfg.order, cfg.align_steps) == (16, 0.5, "reverse", common.SETTINGS["align_steps"])
+    assert set(vars(cfg)) == set(common.SETTINGS) | {"rank"}
+
+
+@pytest.mark.parametrize("argv, checks, message", [
+    (["--order=sideways"], None, "--order=sideways: expected one of forward, reverse"),
+    (["--batch_size=0"], None, "--batch_size must be positive, got 0"),
+    (["--finetune_steps=-1"], None, "--finetune_steps must not be negative, got -1"),
+    (["--rank=0"], {"rank": common.positive}, "--rank must be positive, got 0"),
+    (["--method=scratch"], None, "--method=scratch: expected one of not, naive, guide"),
+    (["--method=guide"], None, "--method=guide trains a guide from scratch: pass --guide=random"),
+    (["--eval_only=nowhere.pt"], None, "--eval_only=nowhere.pt: expected 'guide' or the path of a target.pt"),
+])
+def test_settings_are_checked_once_for_every_script(argv, checks, message):
+    with pytest.raises(SystemExit) as err:
+        common.configure({"rank": 8}, argv, checks=checks)
+    assert message in str(err.value.code)
+    # A script's own allowed values replace the shared ones.
+    assert common.configure({}, ["--method=scratch"], checks={"method": ("not", "scratch")}).method == "scratch"

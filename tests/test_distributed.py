@@ -1,5 +1,7 @@
-"""Two processes aligning on halves of a global batch must match one process on the whole batch."""
+"""Two processes aligning on halves of a global batch must match one process on the whole batch; BatchNorm
+statistics re-estimated on two processes must equal those of one process that sees both processes' batches."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import common
 from runs import spawn_two
 
 CFG = {"dtype": "float32", "cka_unbiased": False, "cka_scope": "global", "grad_clip": 1.0}
-COMPARE = [("1", "1"), ("4", "4")]  # two replaced modules, one after the other
+STAGE = common.Stage(swap=None, compare=[("1", "1"), ("4", "4")], train=["1", "4"])  # two modules, one after the other
 
 
 def guide_and_hybrid():
@@ -36,8 +38,8 @@ def align(rank, world, scope, out):
     history = []
     for x in batches:
         rows = x[rank * per_rank:(rank + 1) * per_rank]
-        history.append(common.align_step(guide, hybrid, COMPARE, rows, opt, params, dict(CFG, cka_scope=scope),
-                                         torch.device("cpu")))
+        cka = common.align_step(guide, hybrid, STAGE, rows, opt, SimpleNamespace(**dict(CFG, cka_scope=scope)))
+        history.append([v.item() for v in cka.values()])
     if rank == 0:
         torch.save({"cka": history, "weights": [p.detach().clone() for p in params]}, out)
 
@@ -46,7 +48,7 @@ def worker(rank, init_method, world, scope, out):
     torch.set_num_threads(1)  # two processes share the machine's cores
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
-        align(rank, world, scope, out)
+        (align if scope != "batchnorm" else recalibrate)(rank, world, scope, out)
         dist.barrier()  # gloo may abort a process that leaves while the other still runs
     finally:
         dist.destroy_process_group()
@@ -80,3 +82,33 @@ def test_local_scope_is_a_different_statistic(tmp_path):
     local = run_two_processes(tmp_path, "local")
     # Per-process CKA of an 8-row slice is not the CKA of the 16-row batch.
     assert abs(one["cka"][0][0] - local["cka"][0][0]) > 1e-3
+
+
+def recalibrate(rank, world, scope, out):
+    """BatchNorm statistics from this rank's share of 4 batches of 6 (rank r: batches r, r + world, ...)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 4), nn.BatchNorm1d(4)).eval()
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(6, 5, generator=g) * 3 * (k + 1) for k in range(4)]
+    mine = iter(batches[rank::world])
+    common.batchnorm_statistics(model, mine, 4 // world, lambda x: x, torch.device("cpu"))
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    gathered = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, buffers)
+    else:
+        gathered = [buffers]
+    if rank == 0:
+        torch.save(gathered, out)
+
+
+def test_batchnorm_statistics_of_two_processes_equal_one(tmp_path):
+    one_path, two_path = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    recalibrate(0, 1, "batchnorm", one_path)
+    spawn_two(worker, (2, "batchnorm", two_path), str(tmp_path))
+    (one,), (two_rank0, two_rank1) = torch.load(one_path), torch.load(two_path)
+    assert one.keys() == two_rank0.keys() and len(one) == 4
+    for key in one:
+        torch.testing.assert_close(two_rank0[key], one[key], rtol=1e-6, atol=1e-6)
+        assert torch.equal(two_rank0[key], two_rank1[key]), key  # every process ends with the same statistics
+    assert one["1.running_var"].min() > 5  # the batches' scale, not the initial unit variance

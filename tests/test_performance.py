@@ -11,10 +11,9 @@ import torch.nn.functional as F
 
 import common
 import gpt2_to_rnn
+import resnet18_to_mlp
 from runs import spawn_two
 
-CFG = {"compile": False, "optimizer": "adamw", "weight_decay": 0.05, "dtype": "float32", "grad_clip": 1.0,
-       "log_interval": 100, "ckpt_interval": 2, "eval_interval": 0}
 STEPS = 4
 
 
@@ -28,21 +27,34 @@ def model():
 class Stream:
     """Batches of this rank's half of a fixed global batch stream, with the position checkpoints keep."""
 
-    def __init__(self, rank):
+    def __init__(self, rank, world=2):
         g = torch.Generator().manual_seed(1)
         self.batches = [(torch.randn(8, 6, generator=g), torch.randint(3, (8,), generator=g)) for _ in range(STEPS)]
-        self.rank, self.count = rank, 0
+        self.rank, self.per_rank, self.count = rank, 8 // world, 0
 
     def __next__(self):
         x, y = self.batches[self.count]
         self.count += 1
-        return x[self.rank * 4:(self.rank + 1) * 4], y[self.rank * 4:(self.rank + 1) * 4]
+        return x[self.rank * self.per_rank:(self.rank + 1) * self.per_rank], y[self.rank * self.per_rank:
+                                                                                (self.rank + 1) * self.per_rank]
 
     def state_dict(self):
         return {"count": self.count}
 
     def load_state_dict(self, state):
         self.count = state["count"]
+
+
+TASK = common.Task(loss=lambda model, b: F.cross_entropy(model(b[0]), b[1]), inputs=lambda b: b[0], evaluate=None,
+                   metric="loss")
+
+
+def phase_run(folder, rank=0, world=1, shard=None, task=TASK, *flags):
+    cfg = common.configure({}, [f"--out_dir={folder}", "--batch_size=8", "--ckpt_interval=2", "--log_interval=100",
+                                "--warmup_steps=1", *flags])
+    cfg.dtype = "float32"
+    return common.Run(cfg, common.Context(rank, rank, world, torch.device("cpu"), "test.py"), task, Stream(rank, world),
+                      shard=shard)
 
 
 def worker(rank, init_method, runs, folder):
@@ -58,35 +70,21 @@ def worker(rank, init_method, runs, folder):
 
 
 def phase(rank, shard, resume, folder):
-    """A 4-step task phase on this rank's half of each batch, sharded or under DDP, optionally from folder's
-    checkpoint."""
+    """A 4-step task phase on this rank's half of each batch, sharded or under DDP; or (resume) the same phase
+    continued from the checkpoint its first run saved after step 2."""
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
     dist.barrier()
-    hybrid = model()
-    batches = Stream(rank)
-    task = common.Task(loss=lambda model, b: F.cross_entropy(model(b[0]), b[1]), inputs=lambda b: b[0],
-                       evaluate=None, metric="loss")
-    state, optimizer_state = {"step": 0, "grad_steps": 0, "evals": []}, None
-    ckpt_path = f"{folder}/ckpt.pt"
-    if resume:
-        ckpt = torch.load(ckpt_path, weights_only=True)
-        hybrid.load_state_dict(ckpt["model"])
-        batches.load_state_dict(ckpt["batches"])
-        state, optimizer_state = ckpt["state"], ckpt["optimizer"]
-    ctx = common.Dist(rank, rank, 2, torch.device("cpu"))
     sharded_copies = []
-    make_copy = common._shard
 
-    def shard_and_record(module):
-        sharded = make_copy(module)
+    def shard_and_record(module):  # resnet18_to_mlp.py's rule, recording the copy it shards
+        sharded = resnet18_to_mlp.shard(module)
         sharded_copies.append(weakref.ref(sharded))
         return sharded
 
-    common._shard = shard_and_record
-    common._task_phase(hybrid, "train", STEPS, 1e-2, 1, False, task, batches, dict(CFG, shard=shard), ctx,
-                       state, optimizer_state, ckpt_path, lambda *args: None)
-    common._shard = make_copy
+    hybrid = model()
+    run = phase_run(folder, rank, 2, shard_and_record if shard else None, TASK, f"--resume={resume}")
+    common.train(hybrid, "train", STEPS, 1e-2, TASK, run)
     # The sharded copy is gone when the phase returns, with its optimizer state; not left to the collector.
     assert len(sharded_copies) == shard and all(ref() is None for ref in sharded_copies)
     if rank == 0:
@@ -106,26 +104,26 @@ def test_sharded_task_phase_trains_like_ddp_and_resumes_exactly(tmp_path):
         assert torch.equal(resumed[key], sharded[key]), key
     assert (ddp["0.weight"] - initial["0.weight"]).abs().max() > 1e-3  # training moved the weights
     # The checkpoint holds the whole optimizer state, by parameter name (the sharded form), for all parameters.
-    saved = torch.load(tmp_path / "sharded" / "ckpt.pt", weights_only=True)["optimizer"]["state"]
-    assert set(saved) == {"0.weight", "1.weight", "1.bias", "3.weight", "3.bias"}
-    assert saved["0.weight"]["exp_avg"].shape == (32, 6)
+    saved = torch.load(tmp_path / "sharded" / "ckpt.pt", weights_only=True)
+    assert (saved["phase"], saved["step"]) == (0, 2)
+    assert set(saved["optimizer"]["state"]) == {"0.weight", "1.weight", "1.bias", "3.weight", "3.bias"}
+    assert saved["optimizer"]["state"]["0.weight"]["exp_avg"].shape == (32, 6)
 
 
-def one_process_phase(is_final, cfg, task=None):
+def one_process_phase(tmp_path, name, task=TASK, *flags):
     hybrid, logs = model(), []
-    task = task or common.Task(loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]), inputs=lambda b: b[0],
-                               evaluate=None, metric="loss")
-    common._task_phase(hybrid, "train", 2, 1e-2, 1, is_final, task, Stream(0), dict(CFG, shard=False, **cfg),
-                       common.Dist(), {"step": 0, "grad_steps": 0, "evals": []}, None, "unused", logs.append)
+    run = phase_run(tmp_path / name.replace(" ", "-"), 0, 1, None, task, "--ckpt_interval=100", *flags)
+    run.log_line = logs.append
+    common.train(hybrid, name, 2, 1e-2, task, run)
     return hybrid, logs
 
 
-def test_compile_wraps_the_final_training_only(monkeypatch):
+def test_compile_wraps_the_final_training_only(monkeypatch, tmp_path):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
-    one_process_phase(False, {"compile": True, "ckpt_interval": 100})
-    final, _ = one_process_phase(True, {"compile": True, "ckpt_interval": 100})
-    one_process_phase(True, {"compile": False, "ckpt_interval": 100})
+    one_process_phase(tmp_path, "stage 1 finetune", TASK, "--compile=True")
+    final, _ = one_process_phase(tmp_path, "train", TASK, "--compile=True")
+    one_process_phase(tmp_path, "train again", TASK)
     assert compiled == [final]
 
 
@@ -138,15 +136,15 @@ def test_peak_flops_of_the_card_in_use(monkeypatch, name, peak):
     assert common.peak_flops(torch.device("cpu")) is None
 
 
-def test_mfu_in_the_log_lines(monkeypatch):
-    task = common.Task(loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]), inputs=lambda b: b[0], evaluate=None,
-                       metric="loss", flops_per_example=lambda m: 1e6)
-    _, logs = one_process_phase(True, {"ckpt_interval": 100, "log_interval": 1}, task)
-    assert len(logs) == 2 and all(line.endswith("| mfu n/a") for line in logs)  # on CPU
+def test_mfu_in_the_log_lines(monkeypatch, tmp_path):
+    task = common.Task(loss=TASK.loss, inputs=TASK.inputs, evaluate=None, metric="loss", flops_per_example=lambda m: 1e6)
+    _, logs = one_process_phase(tmp_path, "train", task, "--log_interval=1")
+    steps = [line for line in logs if " step " in line]
+    assert len(steps) == 2 and all("| mfu n/a |" in line for line in steps)  # on CPU
     monkeypatch.setattr(common, "peak_flops", lambda device: 1e9)
-    _, logs = one_process_phase(True, {"ckpt_interval": 100, "log_interval": 1}, task)
-    assert all(re.search(r"\| mfu \d+\.\d%$", line) for line in logs)
-    _, logs = one_process_phase(True, {"ckpt_interval": 100, "log_interval": 1})  # no FLOPs given, no MFU
+    _, logs = one_process_phase(tmp_path, "train 2", task, "--log_interval=1")
+    assert all(re.search(r"\| mfu \d+\.\d% \|", line) for line in logs if " step " in line)
+    _, logs = one_process_phase(tmp_path, "train 3", TASK, "--log_interval=1")  # no FLOPs given, no MFU
     assert not any("mfu" in line for line in logs)
 
 
@@ -168,7 +166,7 @@ def test_gpt2_flops_per_window_counts_what_runs(rnn_blocks):
 
 
 def test_cka_reads_channels_last_maps_without_copying_them():
-    import bench
+    import bench  # tools/bench.py
 
     torch.manual_seed(0)
     x, y = torch.randn(8, 16, 12, 12), torch.randn(8, 32, 6, 6)

@@ -1,4 +1,4 @@
-"""python common.py report: Table 1 and Figure 1 from run folders."""
+"""python tools/report.py: Table 1 and Figure 1 from run folders, old and new."""
 import csv
 import json
 import os
@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import common
+import report
 from runs import ROOT
 
 CONFIG = {"method": "not", "guide": "pretrained", "order": "forward", "seed": 0, "out_dir": "x", "lr": 1e-3,
@@ -49,7 +50,7 @@ def grid(tmp_path):
 def test_table_averages_over_seeds_only(grid, tmp_path):
     dirs, not_trained = grid
     said = []
-    common.report(dirs, str(tmp_path / "out"), say=said.append)
+    report.report(dirs, str(tmp_path / "out"), say=said.append)
     rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
     cell = {(r["settings"], r["column"]): r for r in rows}
     forward = "lr=0.001, order=forward"
@@ -85,7 +86,7 @@ def test_not_is_paired_with_each_baseline_by_seed(tmp_path):
         dirs.append(write_run(tmp_path / f"u{seed}", value=untrained, seed=seed, guide="random"))
         dirs.append(write_run(tmp_path / f"n{seed}", value=naive, seed=seed, guide="random", method="naive"))
         dirs.append(write_run(tmp_path / f"s{seed}", value=scratch, seed=seed, guide="random", method="scratch"))
-    common.report(dirs, str(tmp_path / "out"), say=lambda line: None)
+    report.report(dirs, str(tmp_path / "out"), say=lambda line: None)
     cell = {r["column"]: (float(r["mean"]), float(r["standard_error"]))
             for r in csv.DictReader(open(tmp_path / "out" / "table.csv"))}
     for heading, differences in [("NoT (trained) - naive (untrained)", [-0.1, 0.2, -0.4]),
@@ -99,7 +100,7 @@ def test_not_is_paired_with_each_baseline_by_seed(tmp_path):
 
 def test_validation_selected_results(grid, tmp_path):
     dirs, not_trained = grid
-    common.report(dirs, str(tmp_path / "out"), select="best", say=lambda *a: None)
+    report.report(dirs, str(tmp_path / "out"), select="best", say=lambda *a: None)
     rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
     cell = {(r["settings"], r["column"]): r for r in rows}
     forward = "lr=0.001, order=forward"
@@ -110,7 +111,7 @@ def test_validation_selected_results(grid, tmp_path):
 
 def test_figure_is_drawn(grid, tmp_path):
     dirs, _ = grid
-    common.report(dirs, str(tmp_path / "out"), say=lambda *a: None)
+    report.report(dirs, str(tmp_path / "out"), say=lambda *a: None)
     pngs = sorted(p.name for p in (tmp_path / "out").glob("figure1-*.png"))
     assert len(pngs) == 2  # one per setting; forward and reverse order share one
     image = Image.open(tmp_path / "out" / pngs[0]).convert("RGB")
@@ -120,7 +121,7 @@ def test_figure_is_drawn(grid, tmp_path):
 
 def test_curves_average_stages_and_start_at_the_guide(grid):
     dirs, not_trained = grid
-    curves, lines = common.stage_curves(common.read_runs(dirs[:3] + dirs[6:9], say=lambda *a: None))
+    curves, lines = report.stage_curves(report.read_runs(dirs[:3] + dirs[6:9], say=lambda *a: None))
     mean = pytest.approx(statistics.mean(not_trained))
     assert curves["NoT forward, trained guide"] == [(0, 69.0), (1, 60.0), (2, 55.0), (3, mean), (4, mean)]
     assert lines == {"naive, trained guide": pytest.approx(40.0)}  # the naive runs of seeds 0-2: 40, 42, 38
@@ -134,7 +135,7 @@ def test_bad_folders_are_named_and_skipped(tmp_path):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "results.json").write_text('{"accuracy": 3}')
     (tmp_path / "run.log").write_text("step 1\n")
-    proc = subprocess.run([sys.executable, f"{ROOT}/common.py", "report", good, running, str(tmp_path / "truncated"),
+    proc = subprocess.run([sys.executable, f"{ROOT}/tools/report.py", good, running, str(tmp_path / "truncated"),
                            str(tmp_path / "foreign"), str(tmp_path / "missing"), str(tmp_path / "run.log"),
                            f"--out={tmp_path / 'out'}"],
                           capture_output=True, text=True, timeout=120)
@@ -145,3 +146,24 @@ def test_bad_folders_are_named_and_skipped(tmp_path):
     assert f"skipped {tmp_path / 'missing' / 'results.json'}: missing" in proc.stdout
     assert f"skipped {tmp_path / 'run.log'}: not a folder" in proc.stdout
     assert "50.00 (n=1)" in proc.stdout
+
+
+def test_results_of_the_current_run_format_are_read(tmp_path):
+    """results.json as common.Run writes it today (per-stage CKA curves, statistics batches), beside the old form."""
+    task = common.Task(loss=None, inputs=None, evaluate=None, metric="top1")
+    for seed, value in enumerate([70.0, 72.0]):
+        cfg = common.configure({}, [f"--out_dir={tmp_path / f'new-{seed}'}", f"--seed={seed}", "--guide=random"])
+        run = common.Run(cfg, common.Context(script="resnet18_to_mlp.py"), task, batches=None)
+        run.guide_metric = 10.0
+        run.records = [{"stage": 1, "replaced": ["conv1"], "cka": {"conv1": 0.9}, "cka_curve": [[5, {"conv1": 0.8}]],
+                        "bn_recal_batches": 20, "top1_before_finetune": 30.0, "top1": 40.0 + seed}]
+        run.write_results(value, "done")
+    old = write_run(tmp_path / "old", value=50.0, guide="random", stages=(20.0,))
+    runs = report.read_runs([str(tmp_path / "new-0"), str(tmp_path / "new-1"), old], say=lambda *a: None)
+    assert len(runs) == 3
+    curves, _ = report.stage_curves(runs[:2])
+    assert curves["NoT forward, untrained guide"] == [(0, 10.0), (1, 40.5), (2, 71.0)]
+    report.report([str(tmp_path / "new-0"), str(tmp_path / "new-1"), old], str(tmp_path / "out"), say=lambda *a: None)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
+    assert {(r["column"], r["mean"], r["seeds"]) for r in rows if r["column"] == "NoT (untrained)"} >= {
+        ("NoT (untrained)", "71", "2")}

@@ -17,9 +17,11 @@ import common
 import resnet18_to_mlp
 from runs import ROOT, TORCHRUN_2, read_results, run_script
 
-# The tiny preset with fewer steps: 20 stages x (4 + 2) steps, then one epoch of 32 steps.
-FAST = ["--preset=tiny", "--device=cpu", "--align_steps=4", "--finetune_steps=2", "--epochs=1"]
-STEPS_PER_EPOCH = 1024 // 32
+# The tiny preset with fewer steps and images: 20 stages x (4 + 2) steps, then one epoch of 512 / 32 = 16 steps.
+FAST = ["--preset=tiny", "--device=cpu", "--align_steps=4", "--finetune_steps=2", "--epochs=1", "--bn_recal_batches=2",
+        "--synthetic_train=512", "--synthetic_val=64"]
+STEPS_PER_EPOCH = 512 // 32
+CONVOLUTIONS = [n for n, m in torchvision.models.resnet18().named_modules() if isinstance(m, nn.Conv2d)]
 
 
 def run(args, cwd, **kwargs):
@@ -40,13 +42,13 @@ def runs(tmp_path_factory):
 def test_not_forward_records_every_stage(runs):
     out_dir, log = runs["forward"]
     res = read_results(out_dir)
-    names = resnet18_to_mlp.conv_names(torchvision.models.resnet18())
-    assert res["status"] == "done"
-    assert [s["replaced"] for s in res["stages"]] == [[n] for n in names]
+    assert res["status"] == "done" and res["script"] == "resnet18_to_mlp.py"
+    assert [s["replaced"] for s in res["stages"]] == [[n] for n in CONVOLUTIONS]
     for stage in res["stages"]:
-        assert (stage["align_steps"], stage["finetune_steps"]) == (4, 2)
+        assert stage["align_steps"] == 4 and stage["bn_recal_batches"] == 2
         assert set(stage["cka"]) == set(stage["replaced"]) and all(-1 <= v <= 1 for v in stage["cka"].values())
-        assert 0 <= stage["top1"] <= 100
+        assert [step for step, _ in stage["cka_curve"]] == [1, 2, 3, 4]  # at most 10 points; 4 steps, 4 points
+        assert 0 <= stage["top1"] <= 100 and 0 <= stage["top1_before_finetune"] <= 100
     assert res["metric"]["name"] == "top1" and res["metric"]["lower_is_better"] is False
     assert res["metric"]["value"] > 30  # chance is 10% on the 10 generated classes
     assert res["grad_steps"] == 20 * (4 + 2) + STEPS_PER_EPOCH
@@ -56,8 +58,7 @@ def test_not_forward_records_every_stage(runs):
 
 def test_not_reverse_replaces_last_first(runs):
     res = read_results(runs["reverse"][0])
-    names = resnet18_to_mlp.conv_names(torchvision.models.resnet18())
-    assert [s["replaced"][0] for s in res["stages"]] == names[::-1]
+    assert [s["replaced"][0] for s in res["stages"]] == CONVOLUTIONS[::-1]
     assert res["metric"]["value"] > 30
 
 
@@ -77,7 +78,7 @@ def test_target_has_no_convolution_and_reproduces_its_accuracy(runs):
     assert not any(isinstance(m, nn.Conv2d) for m in target.modules())
     assert sum(isinstance(m, resnet18_to_mlp.LowRankLinear) for m in target.modules()) == 20
     # Recompute the accuracy from scratch on the same generated validation set.
-    _, val = common.synthetic_images(1024, 256, 10, 32, seed=0)
+    _, val = common.synthetic_images(512, 64, 10, 32, seed=0)
     images, labels = val.tensors
     with torch.no_grad():
         top1 = 100.0 * (target(images).argmax(1) == labels).float().mean().item()
@@ -86,28 +87,29 @@ def test_target_has_no_convolution_and_reproduces_its_accuracy(runs):
 
 def test_method_guide_trains_a_resnet18_that_guide_reads(tmp_path):
     out_dir = tmp_path / "guide"
-    run([*FAST, f"--out_dir={out_dir}", "--method=guide"], cwd=tmp_path)
+    run([*FAST, f"--out_dir={out_dir}", "--method=guide", "--align_steps=1", "--finetune_steps=1"], cwd=tmp_path)
     res = read_results(out_dir)
     # As many steps as a NoT run takes, all of them task steps of a plain ResNet-18.
-    assert res["grad_steps"] == 20 * (4 + 2) + STEPS_PER_EPOCH and res["stages"] == []
+    assert res["grad_steps"] == 20 * (1 + 1) + STEPS_PER_EPOCH and res["stages"] == []
     assert res["metric"]["value"] > 30 and not (out_dir / "target.pt").exists()
     guide = torchvision.models.resnet18(num_classes=10).eval()
     guide.load_state_dict(common.load_checkpoint(str(out_dir / "guide.pt"))["model"])
-    _, val = common.synthetic_images(1024, 256, 10, 32, seed=0)
+    _, val = common.synthetic_images(512, 64, 10, 32, seed=0)
     images, labels = val.tensors
     with torch.no_grad():
         top1 = 100.0 * (guide(images).argmax(1) == labels).float().mean().item()
     assert top1 == pytest.approx(res["metric"]["value"], abs=1e-6)
     # --guide=PATH reads it back: evaluated as the guide, it scores the same.
     proc = run([*FAST, "--out_dir=unused", f"--guide={out_dir / 'guide.pt'}", "--eval_only=guide"], cwd=tmp_path)
-    assert f"top1 {top1:.2f}" in proc.stdout
+    assert f"top1 {top1:.2f}" in proc.stdout and not (tmp_path / "unused").exists()
 
 
-def test_torchrun_two_processes(tmp_path, runs):
-    proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}"], cwd=tmp_path, launcher=TORCHRUN_2)
+def test_torchrun_two_processes(tmp_path):
+    proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}", "--align_steps=2", "--finetune_steps=1"], cwd=tmp_path,
+               launcher=TORCHRUN_2)
     res = read_results(tmp_path / "ddp")
-    # Two processes of 16 images make the same global batch of 32: one epoch is the same 32 steps.
-    assert res["grad_steps"] == read_results(runs["forward"][0])["grad_steps"]
+    # Two processes of 16 images make the same global batch of 32: one epoch is the same 16 steps.
+    assert res["grad_steps"] == 20 * (2 + 1) + STEPS_PER_EPOCH and len(res["stages"]) == 20
     assert res["status"] == "done" and res["metric"]["value"] > 30
     assert proc.stdout.count("final top1") == 1  # rank 0 alone logs
     assert len(resnet18_to_mlp.load_target(str(tmp_path / "ddp" / "target.pt")).state_dict()) > 0
@@ -143,32 +145,37 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path, runs):
     (["--data_dir=does/not/exist"], "data_dir 'does/not/exist' is not a folder"),
     (["--rnak=3"], "unknown config key 'rnak'; valid keys:"),
     (["--rank=big"], "--rank=big: expected a int"),
+    (["--rank=0"], "--rank must be positive, got 0"),
     (["--order=sideways"], "--order=sideways: expected one of forward, reverse"),
     (["--guide=corrupt.pt"], "checkpoint 'corrupt.pt' could not be read"),
     (["--guide=missing.pt"], "checkpoint 'missing.pt' does not exist"),
     (["--resume=True"], "no checkpoint at"),
     (["--method=guide", "--guide=corrupt.pt"], "--method=guide trains a guide from scratch: pass --guide=random"),
     (["--synthetic_shift=32"], "--synthetic_shift=32: expected 0 to image_size - 1"),
+    (["--guide=pretrained"], "generated images (empty --data_dir) have their own classes"),
 ])
-def test_bad_input_stops_with_a_message_and_writes_nothing(tmp_path, args, message):
+def test_bad_input_stops_with_a_message_and_writes_nothing(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
-    proc = run([*FAST, "--out_dir=out", *args], cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as err:
+        resnet18_to_mlp.main([*FAST, "--out_dir=out", *args])
+    assert message in str(err.value.code) and str(err.value.code).startswith("error: ")
+    assert sorted(os.listdir(tmp_path)) == ["corrupt.pt"]
 
 
-def test_corrupt_run_checkpoint_on_resume(tmp_path):
+def test_bad_input_on_the_command_line_and_a_corrupt_checkpoint(tmp_path):
+    proc = run([*FAST, "--out_dir=out", "--order=sideways"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "error: --order=sideways: expected one of forward, reverse" in proc.stderr
+    assert "Traceback" not in proc.stderr and os.listdir(tmp_path) == []
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "ckpt.pt").write_bytes(b"\x80\x02truncated")
-    proc = run([*FAST, f"--out_dir={out_dir}", "--resume=True"], cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "could not be read" in proc.stderr and "ckpt.pt" in proc.stderr
+    with pytest.raises(SystemExit, match="could not be read.*ckpt.pt|ckpt.pt.*could not be read"):
+        resnet18_to_mlp.main([*FAST, f"--out_dir={out_dir}", "--resume=True"])
     assert sorted(os.listdir(out_dir)) == ["ckpt.pt"]
     # A finished or running run is never overwritten without --resume.
-    proc = run([*FAST, f"--out_dir={out_dir}"], cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "already holds a run" in proc.stderr
+    with pytest.raises(SystemExit, match="already holds a run"):
+        resnet18_to_mlp.main([*FAST, f"--out_dir={out_dir}"])
 
 
 def test_pretrained_guide_offline_says_what_to_download(monkeypatch, tmp_path):
@@ -237,10 +244,11 @@ def test_image_folder_checks(tmp_path):
         common.check_image_folders(str(tmp_path / "noval"))
 
 
-def test_run_on_an_image_folder(tmp_path):
+def test_run_on_an_image_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "data", ["a", "b"], per_class=8)
-    run([*FAST, "--data_dir=data", "--batch_size=4", "--align_steps=1", "--finetune_steps=0", "--out_dir=out"],
-        cwd=tmp_path)
+    resnet18_to_mlp.main([*FAST, "--data_dir=data", "--batch_size=4", "--align_steps=1", "--finetune_steps=0",
+                          "--out_dir=out"])
     res = read_results(tmp_path / "out")
     assert res["grad_steps"] == 20 * 1 + 16 // 4 and len(res["stages"]) == 20
     assert res["metric"]["value"] in (0.0, 12.5, 25.0, 37.5, 50.0, 62.5, 75.0, 87.5, 100.0)  # k of 8 images

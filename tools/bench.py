@@ -2,9 +2,9 @@
 What Network of Theseus costs and what it buys, for all four conversions, measured side by side in one
 process (in the manner of nanoGPT's bench.py). Writes bench.json and prints a table.
 
-    python bench.py                    # --size=tiny: the presets' models, on CPU, about a minute
-    python bench.py --size=paper       # the paper's models, on a GPU
-    python bench.py --out=PATH         # bench.json elsewhere (default: the current folder)
+    python tools/bench.py                    # --size=tiny: the presets' models, on CPU, about a minute
+    python tools/bench.py --size=paper       # the paper's models, on a GPU
+    python tools/bench.py --out=PATH         # bench.json elsewhere (default: the current folder)
 
 Every timing is the median of `repeats` runs after `warmup` runs (CUDA synchronized around each).
 1. cka_over_gram: common.cka on ResNet-18's layer1 and layer2 outputs at 224 px for 64 images
@@ -32,11 +32,13 @@ attention and RNNs in their plain matrix-product forms, which it can see.
 """
 import copy
 import math
+import os
 import statistics
 import sys
 import time
 import weakref
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -48,11 +50,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
-import dinov2_to_patchmlp
-import gpt2_to_rnn
-import resnet18_to_mlp
-import resnet50_to_resnet18
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+import dinov2_to_patchmlp  # noqa: E402
+import gpt2_to_rnn  # noqa: E402
+import resnet18_to_mlp  # noqa: E402
+import resnet50_to_resnet18  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config: every name below can be set on the command line as --name=value
@@ -168,11 +172,9 @@ class Conversion:
     inference: Callable  # inference(bench): the rows of item 4
 
 
-def script_config(script, size, **tiny_overrides):
-    cfg = dict(script.config)
-    if size == "tiny":
-        cfg.update(script.PRESETS["tiny"], **tiny_overrides)
-    return cfg
+def script_config(script, size, *tiny_flags):
+    """The script's settings at this size: its defaults (paper), or its tiny preset with these flags."""
+    return common.configure(script.SETTINGS, ["--preset=tiny", *tiny_flags] if size == "tiny" else [], script.PRESETS)
 
 
 def classification_loss(num_classes, x):
@@ -205,69 +207,71 @@ def image_rows(bench, guide, target, x, setting):
 
 def resnet18_mlp(bench):
     cfg = script_config(resnet18_to_mlp, bench.size)
-    classes = cfg["num_classes"] if bench.size == "tiny" else 1000
+    classes = cfg.num_classes if bench.size == "tiny" else 1000
     guide = resnet18_to_mlp.load_guide("random", classes).to(bench.device)
-    x = images(bench.batch(cfg), cfg["image_size"], bench.device)
+    x = images(bench.batch(cfg), cfg.image_size, bench.device)
 
     def inference(bench):
-        target = resnet18_to_mlp.build_target(classes, cfg["image_size"], cfg["rank"])
-        return image_rows(bench, guide, target, x, f"{cfg['image_size']} px, rank {cfg['rank']}")
+        target = common.swapped(guide, stages)
+        return image_rows(bench, guide, target, x, f"{cfg.image_size} px, rank {cfg.rank}")
 
-    return Conversion(cfg, guide, resnet18_to_mlp.make_stages(cfg, guide, x[:1]), x, classification_loss(classes, x),
-                      inference)
+    stages = resnet18_to_mlp.make_stages(guide, x[:1], cfg)
+    return Conversion(cfg, guide, stages, x, classification_loss(classes, x), inference)
 
 
 def resnet50_resnet18(bench):
     cfg = script_config(resnet50_to_resnet18, bench.size)
-    classes = cfg["num_classes"] if bench.size == "tiny" else 1000
+    classes = cfg.num_classes if bench.size == "tiny" else 1000
     guide = resnet50_to_resnet18.load_guide("random", classes).to(bench.device)
-    x = images(bench.batch(cfg), cfg["image_size"], bench.device)
+    x = images(bench.batch(cfg), cfg.image_size, bench.device)
 
     def inference(bench):
-        return image_rows(bench, guide, torchvision.models.resnet18(num_classes=classes), x, f"{cfg['image_size']} px")
+        return image_rows(bench, guide, torchvision.models.resnet18(num_classes=classes), x, f"{cfg.image_size} px")
 
-    return Conversion(cfg, guide, resnet50_to_resnet18.make_stages(cfg["order"], classes, cfg), x,
+    return Conversion(cfg, guide, resnet50_to_resnet18.make_stages(guide, cfg), x,
                       classification_loss(classes, x), inference)
 
 
 def dinov2_patchmlp(bench):
-    cfg = script_config(dinov2_to_patchmlp, bench.size, depth=12)
-    classes = cfg["num_classes"] if bench.size == "tiny" else 1000
+    cfg = script_config(dinov2_to_patchmlp, bench.size, "--depth=12")
+    classes = cfg.num_classes if bench.size == "tiny" else 1000
 
     def guide_at(image_size):
-        return dinov2_to_patchmlp.load_guide("random", image_size, cfg["head_layers"], classes, cfg["embed_dim"],
-                                             cfg["depth"], cfg["patch_size"]).to(bench.device)
+        return dinov2_to_patchmlp.load_guide("random", image_size, cfg.head_layers, classes, cfg.embed_dim,
+                                             cfg.depth, cfg.patch_size).to(bench.device)
 
-    guide = guide_at(cfg["image_size"])
-    x = images(bench.batch(cfg), cfg["image_size"], bench.device)
+    guide = guide_at(cfg.image_size)
+    x = images(bench.batch(cfg), cfg.image_size, bench.device)
 
     def inference(bench):
         rows = []
         # 224 and 518 px, the second as many patches a side larger at tiny size as 518 is over 224
-        large = 518 if bench.size == "paper" else cfg["patch_size"] * round(518 / 224 * cfg["image_size"] /
-                                                                            cfg["patch_size"])
-        for image_size in (cfg["image_size"], large):
+        large = 518 if bench.size == "paper" else cfg.patch_size * round(518 / 224 * cfg.image_size /
+                                                                            cfg.patch_size)
+        for image_size in (cfg.image_size, large):
             model = guide_at(image_size)
-            target = dinov2_to_patchmlp.build_target(model.cfg, cfg["token_mlp_width"])
+            target = common.swapped(model, dinov2_to_patchmlp.make_stages(model, images(1, image_size, bench.device),
+                                                                          cfg))
             rows += image_rows(bench, model, target, images(x.shape[0], image_size, bench.device), f"{image_size} px")
         return rows
 
-    return Conversion(cfg, guide, dinov2_to_patchmlp.make_stages(cfg, guide, x[:1]), x,
+    return Conversion(cfg, guide, dinov2_to_patchmlp.make_stages(guide, x[:1], cfg), x,
                       classification_loss(classes, x), inference)
 
 
 def gpt2_rnn(bench):
-    cfg = script_config(gpt2_to_rnn, bench.size, n_layer=12)
-    vocab = gpt2_to_rnn.ByteTokenizer.n_vocab if cfg["tokenizer"] == "bytes" else 50257
-    guide = gpt2_to_rnn.load_guide("random", cfg["n_layer"], cfg["n_embd"], vocab).to(bench.device)
-    tokens = torch.randint(vocab, (bench.batch(cfg), cfg["seq_len"] + 1), device=bench.device)
+    cfg = script_config(gpt2_to_rnn, bench.size, "--n_layer=12")
+    vocab = common.ByteTokenizer.n_vocab if cfg.tokenizer == "bytes" else 50257
+    guide = gpt2_to_rnn.load_guide("random", cfg.n_layer, cfg.n_embd, vocab).to(bench.device)
+    tokens = torch.randint(vocab, (bench.batch(cfg), cfg.seq_len + 1), device=bench.device)
     x = tokens[:, :-1]
+    stages = gpt2_to_rnn.make_stages(guide, x[:1], cfg)
 
     def loss(model, x):
         return F.cross_entropy(model(x).flatten(0, 1), tokens[:, 1:].flatten())
 
     def inference(bench):
-        target = gpt2_to_rnn.build_target(guide.cfg).to(bench.device).eval()
+        target = common.swapped(guide, stages).to(bench.device).eval()
         cache_dtype = getattr(torch, bench.dtype) if bench.device.type == "cuda" else torch.float32
         rows = []
         for context in CONTEXTS:
@@ -277,7 +281,7 @@ def gpt2_rnn(bench):
                     memory = kv_cache(guide, x.shape[0], context, cache_dtype, bench.device)
                     step = lambda batch: gpt_cached_step(guide, batch, pos, memory)
                 else:
-                    memory = [torch.zeros(2, x.shape[0], cfg["n_embd"], device=bench.device)
+                    memory = [torch.zeros(2, x.shape[0], cfg.n_embd, device=bench.device)
                               for _ in guide.transformer.h]
                     step = lambda batch: target.step(batch, pos, [s[:, :batch.shape[0]] for s in memory])
 
@@ -296,7 +300,7 @@ def gpt2_rnn(bench):
                                                    + peak_extra_memory(decode, bench.device))})
         return rows
 
-    return Conversion(cfg, guide, gpt2_to_rnn.make_stages(cfg, guide), x, loss, inference)
+    return Conversion(cfg, guide, stages, x, loss, inference)
 
 
 def kv_cache(model, batch, context, dtype, device):
@@ -339,7 +343,7 @@ class Bench:
     batch_size: int
 
     def batch(self, cfg):
-        return self.batch_size or (cfg["batch_size"] if self.size == "tiny" else 32)
+        return self.batch_size or (cfg.batch_size if self.size == "tiny" else 32)
 
 
 def cka_cost(bench):
@@ -353,18 +357,15 @@ def cka_cost(bench):
 def stage_times(bench, conv):
     """Item 2 and 3: the median alignment step of each stage, and one training step of the guide."""
     guide = conv.guide.eval().requires_grad_(False)
-    align_cfg = {"dtype": bench.dtype, "cka_unbiased": conv.cfg["cka_unbiased"], "cka_scope": "local",
-                 "grad_clip": conv.cfg["grad_clip"]}
+    align_cfg = SimpleNamespace(dtype=bench.dtype, cka_unbiased=conv.cfg.cka_unbiased, cka_scope="local",
+                                grad_clip=conv.cfg.grad_clip)
     hybrid, times = copy.deepcopy(guide), []
     for stage in conv.stages:
         stage.swap(hybrid)
         hybrid.to(bench.device).eval().requires_grad_(False)
-        params = []
-        for name in stage.train:
-            params += list(common.get_module(hybrid, name).train().requires_grad_(True).parameters())
-        opt = common.make_optimizer(params, "adamw", stage.align_lr, 0.0, bench.device)
-        times.append(median_time(lambda: common.align_step(guide, hybrid, stage.compare, conv.x, opt, params,
-                                                           align_cfg, bench.device),
+        params = [p for name in stage.train for p in hybrid.get_submodule(name).train().requires_grad_(True).parameters()]
+        opt = common.make_optimizer(params, "adamw", conv.cfg.align_lr, 0.0, bench.device)
+        times.append(median_time(lambda: common.align_step(guide, hybrid, stage, conv.x, opt, align_cfg),
                                  bench.device, bench.repeats, bench.warmup))
 
     model = copy.deepcopy(guide).train().requires_grad_(True)
@@ -380,19 +381,18 @@ def stage_times(bench, conv):
     return times, median_time(train_step, bench.device, bench.repeats, bench.warmup)
 
 
-def mlp_shapes(image_size=224):
-    """Input and output shapes of every convolution of ResNet-18 at image_size px, and its other parameters."""
-    model = torchvision.models.resnet18().eval()
-    names = resnet18_to_mlp.conv_names(model)
-    shapes = common.io_shapes(model, torch.zeros(1, 3, image_size, image_size), names)
-    conv_params = sum(num_params(common.get_module(model, n)) for n in names)
-    return shapes, num_params(model) - conv_params
-
-
 def mlp_params(rank, image_size=224):
     """Parameters of resnet18_to_mlp.py's target: each convolution Linear(in -> r, no bias) + Linear(r -> out)."""
-    shapes, others = mlp_shapes(image_size)
-    return others + sum(rank * (math.prod(i) + math.prod(o)) + math.prod(o) for i, o in shapes.values())
+    model = torchvision.models.resnet18().eval()
+    convolutions, shapes = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}, []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((i[0].shape[1:], o.shape[1:])) and None)
+             for m in convolutions.values()]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    for h in hooks:
+        h.remove()
+    others = num_params(model) - sum(num_params(m) for m in convolutions.values())
+    return others + sum(rank * (math.prod(i) + math.prod(o)) + math.prod(o) for i, o in shapes)
 
 
 def scale_rows():
@@ -406,17 +406,19 @@ def scale_rows():
 
 
 def main(argv):
-    cfg = common.parse_config(config, argv)
-    common.check_choices(cfg, {"size": ("tiny", "paper"), "device": ("auto", "cuda", "cpu"),
-                               "dtype": ("bfloat16", "float32")})
+    cfg = common.parse_flags(config, argv)
+    for key, allowed in {"size": ("tiny", "paper"), "device": ("auto", "cuda", "cpu"),
+                         "dtype": ("bfloat16", "float32")}.items():
+        if cfg[key] not in allowed:
+            raise common.ConfigError(f"--{key}={cfg[key]}: expected one of {', '.join(allowed)}")
     if cfg["repeats"] <= 0 or cfg["warmup"] < 0:
         raise common.ConfigError(f"--repeats={cfg['repeats']} --warmup={cfg['warmup']}: need at least one timed run "
                                  f"and no negative warm-up")
-    ctx = common.setup_distributed(cfg["device"])
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"])
+    ctx = common.Context(device=device)
     common.seed_everything(cfg["seed"])
     if ctx.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bench = Bench(cfg["size"], ctx.device, cfg["dtype"] if ctx.device.type == "cuda" else "float32",
                   cfg["repeats"], cfg["warmup"], cfg["batch_size"])
     device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"

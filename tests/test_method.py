@@ -1,0 +1,162 @@
+"""The method's parts on small models: BatchNorm statistics that follow the hybrid, calibration, the CKA record
+and its degenerate-floor warning, and the staged loop's order of work."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+class Stream:
+    """A fixed list of batches, as an endless stream with the position checkpoints keep."""
+
+    def __init__(self, batches):
+        self.batches, self.count = batches, 0
+
+    def __next__(self):
+        self.count += 1
+        return self.batches[(self.count - 1) % len(self.batches)]
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2),
+                         nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+
+
+def images(n, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(5, 3, 8, 8, generator=g) + 2.0 for _ in range(n)]
+
+
+def reference_statistics(model, batches):
+    """Each BatchNorm's input over all batches (train mode), its per-channel mean and unbiased variance."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    seen = {m: [] for m in norms}
+    handles = [m.register_forward_pre_hook(lambda m, args: seen[m].append(args[0].detach().double())) for m in norms]
+    model = model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in handles:
+        h.remove()
+    out = []
+    for m in norms:
+        x = torch.cat(seen[m]).transpose(0, 1).flatten(1)
+        out.append((x.mean(1), x.var(1)))
+    return out
+
+
+def test_batchnorm_statistics_are_those_of_the_layers_inputs():
+    model = conv_net()
+    model(torch.zeros(1, 3, 8, 8))  # materialize the lazy layer
+    batches = images(4, seed=1, scale=3.0)
+    expected = reference_statistics(copy.deepcopy(model), batches)
+    model.eval()
+    assert common.batchnorm_statistics(model, Stream(batches), 4, lambda x: x, torch.device("cpu")) == 2
+    assert not model.training  # the mode it had
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m, (mean, var) in zip(norms, expected):
+        torch.testing.assert_close(m.running_mean, mean.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.running_var, var.float(), rtol=1e-5, atol=1e-5)
+    # The old statistics (zero mean, unit variance at initialization) were really replaced.
+    assert norms[0].running_var.min() > 2.0
+    # No BatchNorm, nothing to do; 0 batches, nothing done.
+    assert common.batchnorm_statistics(nn.Linear(3, 3), Stream(batches), 4, lambda x: x, torch.device("cpu")) == 0
+    assert common.batchnorm_statistics(model, Stream(batches), 0, lambda x: x, torch.device("cpu")) == 0
+
+
+def test_calibration_gives_the_new_module_the_guides_channel_statistics():
+    # The guide's conv at "0"; the hybrid's replacement, a low-rank map of the flattened map, channel-major.
+    class LowRank(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.up = nn.Linear(3 * 8 * 8, 16, bias=False), nn.Linear(16, 8 * 8 * 8)
+
+        def forward(self, x):
+            return self.up(self.down(x.flatten(1))).view(x.shape[0], 8, 8, 8)
+
+    guide = conv_net()
+    guide(torch.zeros(1, 3, 8, 8))
+    hybrid = copy.deepcopy(guide)
+    hybrid[0] = LowRank()
+    with torch.no_grad():
+        hybrid[0].up.weight.mul_(7.0)  # a scale far from the guide's
+    batches = images(3, seed=2)
+    stage = common.Stage(swap=None, compare=[("0", "0")], train=["0"])
+    common.calibration(guide.eval(), hybrid.eval(), stage, Stream(batches), 3, lambda x: x, torch.device("cpu"))
+    with torch.no_grad():
+        ours = torch.cat([hybrid[0](x) for x in batches]).transpose(0, 1).flatten(1).double()
+        theirs = torch.cat([guide[0](x) for x in batches]).transpose(0, 1).flatten(1).double()
+    torch.testing.assert_close(ours.mean(1), theirs.mean(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.std(1), theirs.std(1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit, match="no Linear"):
+        common.calibration(guide, hybrid, common.Stage(None, [("1", "1")], ["1"]), Stream(batches), 1,
+                           lambda x: x, torch.device("cpu"))
+
+
+def small_run(tmp_path, batches, task, *flags):
+    cfg = common.configure({}, [f"--out_dir={tmp_path}", "--log_interval=5", "--batch_size=5", *flags])
+    cfg.dtype = "float32"
+    return common.Run(cfg, common.Context(script="test.py"), task, Stream(batches))
+
+
+def test_alignment_records_a_cka_curve_and_warns_at_the_degenerate_floor(tmp_path, capsys):
+    guide = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    hybrid = copy.deepcopy(guide)
+    hybrid[0], hybrid[2] = nn.Linear(6, 8), nn.Linear(8, 3)
+    nn.init.zeros_(hybrid[2].weight)
+    nn.init.zeros_(hybrid[2].bias)  # constant outputs: CKA 0, no gradient, nothing learned
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 6, generator=g) for _ in range(4)]
+    task = common.Task(loss=None, inputs=lambda x: x, evaluate=None, metric="loss")
+    run = small_run(tmp_path, batches, task, "--align_steps=20", "--align_lr=0.03")
+    for i, compared in ((1, "0"), (2, "2")):
+        common.align(guide, hybrid, common.Stage(None, [(compared, compared)], [compared]), i, run)
+    first, second = run.records
+    # Ten points, each the mean of the two steps since the last; the stage's CKA is the mean of its last ten steps.
+    assert [step for step, _ in first["cka_curve"]] == list(range(2, 21, 2))
+    assert first["cka_curve"][-1][1]["0"] > first["cka_curve"][0][1]["0"]  # the aligned module learned
+    assert 0 < first["cka"]["0"] <= 1 and second["cka"] == {"2": 0.0}
+    log = capsys.readouterr().out
+    assert log.count("warning: stage 2 align: the CKA of 2 is exactly 0") == 1 and "stage 1 align: the" not in log
+    assert torch.equal(hybrid[2].weight, torch.zeros(3, 8))  # indeed it learned nothing
+
+
+def test_convert_swaps_aligns_finetunes_and_evaluates_each_stage_in_order(tmp_path):
+    torch.manual_seed(0)
+    guide = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8), nn.BatchNorm1d(8),
+                          nn.Tanh(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(5, 6, generator=g), torch.randint(3, (5,), generator=g)) for _ in range(6)]
+    events = []
+
+    def evaluate(model):
+        events.append(("evaluate", [type(m).__name__ for m in model]))
+        return float(sum(e[0] == "evaluate" for e in events))
+
+    def stage(index):
+        return common.Stage(lambda hybrid: events.append(("swap", index)) or hybrid.__setitem__(index, nn.Linear(
+            hybrid[index].in_features, hybrid[index].out_features)), [(str(index), str(index))], [str(index)])
+
+    task = common.Task(loss=lambda model, b: F.cross_entropy(model(b[0]), b[1]), inputs=lambda b: b[0],
+                       evaluate=evaluate, metric="score")
+    run = small_run(tmp_path, batches, task, "--align_steps=3", "--finetune_steps=2", "--bn_recal_batches=2")
+    target = common.convert(guide, [stage(0), stage(3)], 4, task, run)
+    assert [e[0] for e in events] == ["swap", "evaluate", "evaluate", "swap", "evaluate", "evaluate"]
+    assert run.grad_steps == 2 * (3 + 2) + 4 == common.total_steps([0, 0], run.cfg, 4)
+    first, second = run.records
+    assert first["replaced"] == ["0"] and first["align_steps"] == 3 and first["bn_recal_batches"] == 2
+    assert (first["score_before_finetune"], first["score"], second["score"]) == (1.0, 2.0, 4.0)
+    assert not any(m is g for m in target for g in guide)  # the target is a new model; the guide is untouched
+    assert math.isfinite(target(batches[0][0]).sum().item())

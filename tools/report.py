@@ -1,0 +1,294 @@
+"""
+Table 1 and Figure 1 from run folders.
+
+    python tools/report.py RUN_DIR... [--out=DIR] [--select=final|best]
+
+Reads each folder's results.json (any written by these scripts, old or new), averages runs that differ only in
+the seed, and prints Table 1's layout: the guide, NoT and the naive baseline with trained and untrained guides,
+`scratch` where present, each cell `mean ± standard error (n=seeds)`, and NoT's differences from each baseline
+paired by seed. Writes table.md, table.csv and, per conversion, figure1-<script>.png (drawn with Pillow, which
+torchvision brings: matplotlib is not among the project's packages).
+"""
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+
+# Settings that never make two runs incomparable: the seed, where files go, how often the run logs or evaluates.
+_NOT_COMPARED = common.RESUMABLE | {"seed", "out_dir", "eval_interval", "eval_only", "preset", "guide", "method",
+                                     "eval_guide"}
+# Table 1's columns after "Guide": (method, trained guide? (None: no guide)) and their headings.
+_COLUMNS = [(("not", True), "NoT (trained)"), (("not", False), "NoT (untrained)"),
+            (("naive", True), "Naive (trained)"), (("naive", False), "Naive (untrained)"),
+            (("scratch", None), "Scratch")]
+# NoT against each baseline, paired by seed: (NoT arm, baseline arm, heading). The paper's naive baseline trains
+# the target from scratch, which is naive with an untrained guide; naive with a trained guide keeps the guide's
+# parts that are not replaced.
+_PAIRS = [(("not", True), ("naive", True), "NoT - naive (trained)"),
+          (("not", False), ("naive", False), "NoT - naive (untrained)"),
+          (("not", True), ("naive", False), "NoT (trained) - naive (untrained)"),
+          (("not", True), ("scratch", None), "NoT (trained) - scratch"),
+          (("not", False), ("scratch", None), "NoT (untrained) - scratch")]
+_PAIRED = [heading for _, _, heading in _PAIRS]
+
+
+_RESULTS_KEYS = {"script", "status", "config", "guide_metric", "stages", "metric", "grad_steps"}
+
+
+def read_runs(run_dirs, say=print):
+    """The finished runs among run_dirs as dicts; what cannot be read, or is still running, is said and skipped."""
+    runs = []
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "results.json")
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            say(f"skipped {run_dir}: not a folder")  # a log file beside the run folders, say, caught by a glob
+            continue
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except FileNotFoundError:
+            say(f"skipped {path}: missing")
+            continue
+        except OSError as e:
+            say(f"skipped {path}: {e.strerror}")
+            continue
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            say(f"skipped {path}: not valid JSON (truncated?)")
+            continue
+        if not isinstance(results, dict) or not _RESULTS_KEYS <= set(results):
+            say(f"skipped {path}: not a results.json of these scripts")
+            continue
+        if results.get("status") != "done":
+            say(f"in progress: {run_dir} ({len(results.get('stages', []))} stages recorded)")
+            continue
+        results["dir"] = run_dir
+        runs.append(results)
+    return runs
+
+
+def _mean_se(values):
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None, 1
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values)), len(values)
+
+
+def _fmt(cell):
+    if cell is None:
+        return ""
+    mean, se, n = cell
+    return f"{mean:.2f} (n=1)" if se is None else f"{mean:.2f} ± {se:.2f} (n={n})"
+
+
+def _group(runs, not_compared):
+    """{(script, the settings compared, as JSON): runs}."""
+    groups = {}
+    for run in runs:
+        compared = {k: v for k, v in run["config"].items() if k not in not_compared}
+        groups.setdefault((run["script"], json.dumps(compared, sort_keys=True)), []).append(run)
+    return groups
+
+
+def _value(run, select):
+    """A run's result: its final metric, or (select="best") the best of its validations during final training."""
+    if select == "final":
+        return run["metric"]["value"]
+    return run["best"]["value"] if run.get("best") else None
+
+
+def table_rows(runs, select="final"):
+    """Rows of Table 1: one per conversion and distinct setting, runs averaged over seeds only.
+
+    Besides the columns, the differences in _PAIRS (a NoT arm against a baseline arm) paired by seed, mean
+    and standard error over the seeds both arms ran.
+
+    Each row: {"script", "metric", "settings" (what sets it apart from other rows of the same script),
+    "runs", "guide": cell, heading: cell, ...}, a cell being (mean, standard error or None, number of seeds).
+    """
+    groups = _group(runs, _NOT_COMPARED)
+    rows = []
+    for (script, compared), members in sorted(groups.items()):
+        siblings = [json.loads(c) for s, c in groups if s == script]
+        mine = json.loads(compared)
+        differ = sorted({k for other in siblings for k in set(other) | set(mine) if other.get(k) != mine.get(k)})
+        row = {"script": script, "metric": members[0]["metric"]["name"], "runs": members,
+               "settings": ", ".join(f"{k}={mine.get(k)}" for k in differ)}
+        trained = [r["guide_metric"] for r in members
+                   if r["config"]["guide"] != "random" and r["guide_metric"] is not None]
+        row["guide"] = _mean_se(trained)
+        arms = {}
+        for run in members:
+            value = _value(run, select)
+            if value is not None:
+                method = run["config"]["method"]
+                arm = (method, None if method == "scratch" else run["config"]["guide"] != "random")
+                arms.setdefault(arm, {})[run["config"]["seed"]] = value
+        for arm, heading in _COLUMNS:
+            if arm in arms:
+                row[heading] = _mean_se(list(arms[arm].values()))
+        for not_arm, baseline_arm, heading in _PAIRS:
+            ours, theirs = arms.get(not_arm, {}), arms.get(baseline_arm, {})
+            pairs = [ours[seed] - theirs[seed] for seed in sorted(set(ours) & set(theirs))]
+            if pairs:
+                row[heading] = _mean_se(pairs)
+        rows.append(row)
+    return rows
+
+
+def report(run_dirs, out_dir=".", select="final", say=print):
+    """Print Table 1 from run folders, write it as table.md and table.csv, and one Figure 1 PNG per conversion.
+
+    select: "final" (the metric at the end of training) or "best" (the best validation during final training:
+    early stopping; on the image scripts the validation set is also the test set, so this flatters every arm).
+    """
+    if select not in ("final", "best"):
+        raise common.ConfigError(f"--select={select}: expected final or best")
+    runs = []
+    for run in read_runs(run_dirs, say):
+        if run["config"]["method"] == "guide":
+            say(f"not in the table: {run['dir']} trained a guide (--method=guide, {run['metric']['name']} "
+                f"{run['metric']['value']:.2f}); the runs it guides show it in the Guide column")
+        else:
+            runs.append(run)
+    rows = table_rows(runs, select)
+    order = [h for _, h in _COLUMNS] + _PAIRED
+    headings = ["Guide"] + sorted({h for h in order if any(h in r for r in rows)}, key=order.index)
+    lines = ["| conversion | metric | settings | " + " | ".join(headings) + " |",
+             "|" + "---|" * (3 + len(headings))]
+    csv = ["conversion,metric,settings,column,mean,standard_error,seeds"]
+    for row in rows:
+        cells = [row["guide"]] + [row.get(h) for h in headings[1:]]
+        lines.append(f"| {row['script']} | {row['metric']} | {row['settings']} | "
+                     + " | ".join(_fmt(c) for c in cells) + " |")
+        for heading, cell in zip(headings, cells):
+            if cell is not None:
+                se = "" if cell[1] is None else f"{cell[1]:.10g}"
+                csv.append(f"{row['script']},{row['metric']},\"{row['settings']}\",{heading},{cell[0]:.10g},{se},"
+                           f"{cell[2]}")
+    os.makedirs(out_dir, exist_ok=True)
+    table = "\n".join(lines) + "\n"
+    say(table)
+    for name, text in (("table.md", table), ("table.csv", "\n".join(csv) + "\n")):
+        with common.atomic_path(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
+            f.write(text)
+    # One figure per conversion and setting, forward and reverse order together.
+    figures = _group(runs, _NOT_COMPARED | {"order"})
+    for i, ((script, _), members) in enumerate(sorted(figures.items())):
+        several = sum(s == script for s, _ in figures) > 1
+        path = os.path.join(out_dir, f"figure1-{os.path.splitext(script)[0]}" + (f"-{i}" if several else "") + ".png")
+        if plot_stages(members, path):
+            say(f"wrote {path}")
+
+
+def stage_curves(runs):
+    """Figure 1's data: {label: [(stage, mean metric over seeds)]} for NoT runs, {label: value} for the baselines.
+
+    Stage 0 is the guide; stage k the hybrid after the k-th stage (after its task fine-tuning); one more
+    point, after the last stage, is the target after its final training.
+    """
+    curves, lines = {}, {}
+    for run in runs:
+        guide = "untrained" if run["config"]["guide"] == "random" else "trained"
+        name = run["metric"]["name"]
+        if run["config"]["method"] == "not":
+            label = f"NoT {run['config']['order']}, {guide} guide"
+            points = [(0, run["guide_metric"])] if run["guide_metric"] is not None else []
+            points += [(s["stage"], s[name]) for s in run["stages"] if name in s]
+            points.append((len(run["stages"]) + 1, run["metric"]["value"]))
+            curves.setdefault(label, []).append(dict(points))
+        else:
+            method = run["config"]["method"]
+            label = "scratch" if method == "scratch" else f"{method}, {guide} guide"
+            lines.setdefault(label, []).append(run["metric"]["value"])
+    mean_curves = {}
+    for label, per_seed in curves.items():
+        stages = sorted(set().union(*per_seed))
+        mean_curves[label] = [(k, sum(p[k] for p in per_seed if k in p) / sum(k in p for p in per_seed))
+                              for k in stages]
+    return mean_curves, {label: sum(v) / len(v) for label, v in lines.items()}
+
+
+def plot_stages(runs, path, size=(900, 560)):
+    """Draw Figure 1 (metric after each stage; baselines as dashed lines) as a PNG; False when there is nothing to
+    draw."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    curves, lines = stage_curves(runs)
+    if not curves:
+        return False
+    values = [v for c in curves.values() for _, v in c] + list(lines.values())
+    # A log axis for a lower-is-better metric (perplexity) whose values span more than a factor of 10 (an untrained
+    # guide's against a trained one's); accuracies stay linear.
+    log = runs[0]["metric"].get("lower_is_better", False) and min(values) > 0 and max(values) / min(values) > 10
+    scale = math.log10 if log else float
+    low, high = scale(min(values)), scale(max(values))
+    margin = max(high - low, 1e-6) * 0.05
+    low, high = low - margin, high + margin
+    if not log and min(values) >= 0:
+        low = max(low, 0.0)  # no negative axis for accuracies
+    stages = max(k for c in curves.values() for k, _ in c)
+    left, right, top, bottom = 80, 250, 50, 60
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=14)
+
+    def xy(stage, value):
+        x = left + (width - left - right) * stage / max(stages, 1)
+        y = height - bottom - (height - top - bottom) * (scale(value) - low) / (high - low)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(5):
+        tick = low + (high - low) * i / 4
+        value = 10 ** tick if log else tick
+        _, y = xy(0, value)
+        draw.line([left - 5, y, left, y], fill="black")
+        draw.text((5, y - 7), f"{value:.4g}", fill="black", font=font)
+    for k in range(stages + 1):
+        x, _ = xy(k, min(values))
+        draw.line([x, height - bottom, x, height - bottom + 5], fill="black")
+        draw.text((x - 4, height - bottom + 8), "final" if k == stages else str(k), fill="black", font=font)
+    draw.text((left, 15), f"{runs[0]['script']}: {runs[0]['metric']['name']} after each stage (stage 0: the guide)"
+              + (", log scale" if log else ""), fill="black", font=font)
+    draw.text((left + (width - left - right) // 2 - 60, height - 25), "stage (final: after end-to-end training)",
+              fill="black", font=font)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    legend_y = top
+    for color, (label, points) in zip(palette, sorted(curves.items())):
+        draw.line([xy(k, v) for k, v in points], fill=color, width=3)
+        for k, v in points:
+            x, y = xy(k, v)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        draw.line([width - right + 15, legend_y + 8, width - right + 40, legend_y + 8], fill=color, width=3)
+        draw.text((width - right + 45, legend_y), label, fill="black", font=font)
+        legend_y += 22
+    for color, (label, value) in zip(palette[len(curves):] + palette, sorted(lines.items())):
+        _, y = xy(0, value)
+        for x in range(left, width - right, 16):
+            draw.line([x, y, min(x + 8, width - right), y], fill=color, width=2)
+        draw.line([width - right + 15, legend_y + 8, width - right + 40, legend_y + 8], fill=color, width=2)
+        draw.text((width - right + 45, legend_y), label + " (final)", fill="black", font=font)
+        legend_y += 22
+    with common.atomic_path(path) as tmp:
+        image.save(tmp, "PNG")
+    return True
+
+
+def main(argv):
+    folders = [a for a in argv if not a.startswith("--")]
+    if not folders:
+        raise common.ConfigError("usage: python tools/report.py RUN_DIR... [--out=DIR] [--select=final|best]")
+    options = common.parse_flags({"out": ".", "select": "final"}, [a for a in argv if a.startswith("--")])
+    report(folders, options["out"], options["select"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
