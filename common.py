@@ -410,12 +410,15 @@ SETTINGS = dict(
     method="not",  # "not": NoT; "naive": every target module at once, task loss only; "guide": train the guide's
     # architecture from scratch (--guide=random), to be --guide= of later runs. All take NoT's gradient steps.
     order="forward",  # the stages' order: "forward" (first part first) or "reverse"
-    align_steps=1000,  # CKA alignment steps per stage
+    align_steps=1000,  # CKA alignment steps per stage: the paper's ~1,000; at laptop scale CKA plateaued by 40 (ViT)
+    # to 100 (ResNet-18) steps of batch 64 and still rose at 200 for an RNN (docs/study.md): 1000 keeps that margin
     align_lr=1e-3,  # peak learning rate of the new modules in alignment (Adam, warmup then cosine)
-    finetune_steps=100,  # task steps of the whole hybrid after each stage's alignment; 0: none
+    finetune_steps=100,  # task steps of the whole hybrid after each stage's alignment (0: none): they repair the
+    # scale and rotation CKA leaves free; 100 is 10% of the alignment, the laptop study a quarter
     finetune_lr=1e-4,  # their peak learning rate
     bn_recal_batches=20,  # training batches that re-estimate BatchNorm statistics after each alignment and each
-    # fine-tuning (forward passes only; 0: off), and that fit the calibration
+    # fine-tuning (forward passes only; 0: off), and that fit the calibration: 20 lifted the median ResNet-18 stage
+    # from 22% to 81% of the guide at laptop scale; at batch 256 that is 5,120 images, 800 forward passes a run
     calibrate="auto",  # fold a per-channel scale and offset into each new module after its alignment: "on", "off",
     # or "auto": on when finetune_steps=0, where nothing else repairs the scale CKA leaves free
     cka_scope="global",  # "global": CKA of the batch of all processes; "local": of each process's slice
@@ -673,11 +676,11 @@ class Run:
         self.phase, self.grad_steps, self.records, self.evals, self.guide_metric = 0, 0, [], [], None
         self.saved, self.sharded, self.warned, self.values, self.alignment = None, None, set(), {}, {}
         self.stages, self.phases = 0, None  # the plan: how many stages, and every phase's (kind, steps)
-        # For the time left: seconds and steps of each kind of phase so far, and the time between phases.
-        self.started, self.spent, self.done, self.between, self.gaps, self.phase_end = time.time(), {}, {}, 0.0, 0, None
+        # For the time left: (phase, seconds per step) of each kind's phases, and (phase, seconds) between phases.
+        self.started, self.rates, self.gaps, self.phase_end = time.time(), {}, [], None
         if cfg.resume:
             self.saved = load_checkpoint(self.path)
-            changed = sorted(k for k in vars(cfg) if k not in RESUMABLE and self.saved["config"].get(k) != vars(cfg)[k])
+            changed = sorted(k for k, v in vars(cfg).items() if k not in RESUMABLE and self.saved["config"].get(k) != v)
             if changed:
                 raise ConfigError("--resume with settings that differ from the checkpoint's: " + ", ".join(
                     f"{k} (was {self.saved['config'].get(k)!r}, now {vars(cfg)[k]!r})" for k in changed))
@@ -704,10 +707,10 @@ class Run:
         else:
             self._save(phase, 0, model, opt)
         kind = "align" if "align" in name else "finetune" if "finetune" in name else "train"
-        self.values, window, last, curve = {}, [], deque(maxlen=10), []
+        self.values, self.alignment, window, last, curve = {}, {}, [], deque(maxlen=10), []
         flops = self.task.flops_per_example(model) if self.task.flops_per_example and kind != "align" else 0
         if self.phase_end is not None:
-            self.between, self.gaps = self.between + time.time() - self.phase_end, self.gaps + 1
+            self.gaps.append((phase, time.time() - self.phase_end))
         t0 = t_logged = time.time()
         step_logged = start
         for step in range(start, steps):
@@ -716,8 +719,8 @@ class Run:
             yield step
             self.grad_steps += 1
             now = time.time()
-            self.spent[kind], self.done[kind] = self.spent.get(kind, 0.0) + now - t0, self.done.get(kind, 0) + 1
-            t0 = now
+            self.rates[kind] = [r for r in self.rates.get(kind, []) if r[0] != phase] + [(phase, (now - t0) /
+                                                                                     (step + 1 - start))]
             if "cka" in self.values:
                 window.append(torch.stack(list(self.values["cka"].values())))
                 last.append(window[-1])
@@ -735,6 +738,7 @@ class Run:
             validate = kind == "train" and self.cfg.eval_interval and (step + 1) % self.cfg.eval_interval == 0
             if validate and step + 1 < steps:
                 self.evals.append([self.grad_steps, self.evaluate(model)])
+                self.log_line(f"{name} step {step + 1}/{steps} | {self.task.metric} {self.evals[-1][1]:.4f}")
             if (step + 1) % self.cfg.ckpt_interval == 0 and step + 1 < steps:
                 self._save(phase, step + 1, model, opt)
         if "cka" in self.values:
@@ -760,14 +764,15 @@ class Run:
                               f"degenerate floor): it gives no gradient, and this stage learns nothing there")
 
     def _left(self, phase, kind, steps_left):
-        """Seconds left in the run: the steps left of each kind at the rate measured for that kind (a kind not yet
-        seen at the nearest kind's), and the work between phases at its mean so far."""
-        rates = {k: self.spent[k] / self.done[k] for k in self.done}
+        """Seconds left in the run: the steps left of each phase at its kind's seconds per step, and the work between
+        phases, each extrapolated along the phases so far by a least-squares line (costs drift as the hybrid
+        changes); a kind before its first phase takes the nearest kind's."""
         nearest = {"align": ("align", "finetune", "train"), "finetune": ("finetune", "train", "align"),
                    "train": ("train", "finetune", "align")}
-        left = [(kind, steps_left)] + (self.phases or [])[phase + 1:]  # without a plan: this phase alone
-        seconds = sum(n * next(rates[k] for k in nearest[later] if k in rates) for later, n in left)
-        return seconds + (len(left) * self.between / self.gaps if self.gaps else 0.0)
+        left = [(phase, kind, steps_left)] + [(p, k, n) for p, (k, n) in enumerate(self.phases or []) if p > phase]
+        seconds = sum(n * _trend(next(self.rates[k] for k in nearest[later] if k in self.rates), p)
+                      for p, later, n in left)
+        return seconds + sum(_trend(self.gaps, p + 1) for p, _, _ in left if self.gaps)
 
     def record(self, stage, **fields):
         """Add fields to the stage's entry in results.json."""
@@ -785,7 +790,7 @@ class Run:
         value = self.task.evaluate(model)
         if stage is not None:
             self.record(stage, **{f"{self.task.metric}_{when}" if when else self.task.metric: value})
-            cka = {} if when else self.records[stage - 1]["cka"]
+            cka = {} if when else self.records[stage - 1].get("cka", {})
             cka = " | cka " + " ".join(f"{k} {v:.4f}" for k, v in cka.items()) if cka else ""
             self.log_line(f"stage {stage}/{self.stages} {when.replace('_', ' ') or 'done'} | {self.task.metric} "
                           f"{value:.4f}{cka}")
@@ -883,10 +888,21 @@ class Run:
                    "guide_metric": self.guide_metric, "stages": self.records,
                    "metric": {"name": self.task.metric, "value": final, "lower_is_better": self.task.lower_is_better},
                    "grad_steps": self.grad_steps, "evals": self.evals,
-                   "best": {"value": best[1], "step": best[0]} if best else None}
+                   "best": {"value": best[1], "step": best[0]} if best else None,
+                   "seconds": time.time() - self.started}  # this process's wall time (since a restart, if resumed)
         if self.ctx.master:
             write_json(os.path.join(self.cfg.out_dir, "results.json"), results)
         return results
+
+
+def _trend(points, x):
+    """The least-squares line through points (x, y) at x, kept within half the smallest and 1.5 times the largest
+    y seen; their mean while fewer than 5 (a line through a few noisy points swings far)."""
+    xs, ys = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
+    if len(points) < 5 or np.ptp(xs) == 0:
+        return float(ys.mean())
+    slope, intercept = np.polyfit(xs, ys, 1)
+    return float(np.clip(slope * x + intercept, 0.5 * ys.min(), 1.5 * ys.max()))
 
 
 def _clock(seconds):
@@ -1009,16 +1025,26 @@ IMAGE_SETTINGS = dict(  # the image scripts' settings, over SETTINGS
     synthetic_val=1000,
     synthetic_shift=0,
     workers=8,  # DataLoader processes per GPU
+    decode="auto",  # ImageNet folders: "pil" (PIL and torchvision's transforms in the workers), "cpu" (torchvision.io
+    # and transforms.v2 on uint8 tensors in the workers), "gpu" (the workers read the files, the main process decodes
+    # them with nvjpeg and crops on the GPU); "auto": gpu on CUDA, else cpu
 )
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def image_data(cfg, interpolation="bilinear"):
+def image_data(cfg, ctx, interpolation="bilinear"):
     """(train set, val set, number of classes): ImageNet folders when cfg.data_dir is set, else generated images
     (the same for every --seed: seeds vary the runs, not the task)."""
     if cfg.data_dir:
-        train_set, val_set = image_folders(cfg.data_dir, cfg.image_size, interpolation)
-        return train_set, val_set, len(train_set.classes)
+        decode = ("gpu" if ctx.device.type == "cuda" else "cpu") if cfg.decode == "auto" else cfg.decode
+        if decode == "gpu" and ctx.device.type != "cuda":
+            raise ConfigError("--decode=gpu decodes with nvjpeg on CUDA; on CPU use --decode=cpu or pil")
+        classes = check_image_folders(cfg.data_dir)
+        train_set, val_set = (ImageFiles(os.path.join(cfg.data_dir, split), split == "train", cfg.image_size,
+                                         interpolation, decode, ctx) for split in ("train", "val"))
+        ctx.log(f"data: {len(train_set)} training and {len(val_set)} validation images of {len(classes)} classes in "
+                f"{cfg.data_dir}, decoded by {decode} ({cfg.workers} workers per process)")
+        return train_set, val_set, len(classes)
     if cfg.synthetic_shift >= cfg.image_size:
         raise ConfigError(f"--synthetic_shift={cfg.synthetic_shift}: expected 0 to image_size - 1")
     if cfg.guide == "pretrained":
@@ -1049,20 +1075,127 @@ def check_image_folders(data_dir):
     return classes["train"]
 
 
-def image_folders(data_dir, image_size=224, interpolation="bilinear"):
-    """ImageNet-style train and val sets: RandomResizedCrop and flip for training; a resize to image_size * 256 / 224
-    and a center crop for evaluation, as torchvision's references (DINOv2's evaluation resamples bicubic)."""
-    from torchvision import datasets, transforms
+class ImageFiles(torch.utils.data.Dataset):
+    """An ImageFolder's images (train: RandomResizedCrop, scale (0.08, 1), ratio (3/4, 4/3), and a flip of one half;
+    evaluation: a resize to image_size * 256 / 224 and a center crop, as torchvision's references), decoded by
+    `decode` (see IMAGE_SETTINGS). Items are (image, label, crop, path, note); `collate` batches them, `prepare` turns
+    a batch into the model's normalized input on the device.
 
-    check_image_folders(data_dir)
-    mode = transforms.InterpolationMode(interpolation)
-    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size, interpolation=mode),
-                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
-    val_tf = transforms.Compose([transforms.Resize(round(image_size * 256 / 224), interpolation=mode),
-                                 transforms.CenterCrop(image_size), transforms.ToTensor(), normalize])
-    return (datasets.ImageFolder(os.path.join(data_dir, "train"), train_tf),
-            datasets.ImageFolder(os.path.join(data_dir, "val"), val_tf))
+    Files nvjpeg cannot decode (grayscale and CMYK JPEGs, other formats under a .JPEG name) are decoded on the
+    CPU and named in the log; a file nothing can decode stops the run with its name.
+    """
+
+    def __init__(self, root, train, image_size, interpolation, decode, ctx):
+        from torchvision import datasets
+
+        self.samples = datasets.ImageFolder(root, loader=lambda path: path).samples
+        self.train, self.size, self.decode, self.ctx, self.seen = train, image_size, decode, ctx, set()
+        self.interpolation, self.resize = interpolation, round(image_size * 256 / 224)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from torchvision import transforms
+        from torchvision.io import ImageReadMode, decode_image
+
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            data = f.read()
+        header, note = _jpeg_header(data), ""
+        try:
+            if self.decode == "pil":
+                return self._pil(path), label, torch.zeros(5), path, note
+            if self.decode == "gpu" and header and header[2] == 3:
+                image, (height, width) = torch.frombuffer(bytearray(data), dtype=torch.uint8), header[:2]
+            else:  # the CPU decodes it: every file with --decode=cpu, the odd ones with --decode=gpu
+                image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                height, width = image.shape[1:]
+                if self.decode == "gpu":
+                    what = f"a JPEG of {header[2]} components" if header else "not a JPEG"
+                    note = f"decoded on the CPU ({what}): {path}"
+        except Exception as e:
+            return torch.zeros(0, dtype=torch.uint8), label, torch.zeros(5), path, f"error: cannot decode {path} ({e})"
+        crop = torch.zeros(5)
+        if self.train:  # torchvision's own parameters, drawn here, in the worker, from its seeded generator
+            crop = torch.tensor([*transforms.RandomResizedCrop.get_params(torch.empty(0, height, width),
+                                                                          (0.08, 1.0), (3 / 4, 4 / 3)),
+                                 float(torch.rand(1) < 0.5)])
+        if self.decode == "cpu":
+            image = self.crop(image, crop)
+        return image, label, crop, path, note
+
+    def _pil(self, path):
+        from PIL import Image
+        from torchvision import transforms
+
+        mode = transforms.InterpolationMode(self.interpolation)
+        if self.train:
+            steps = [transforms.RandomResizedCrop(self.size, interpolation=mode), transforms.RandomHorizontalFlip()]
+        else:
+            steps = [transforms.Resize(self.resize, interpolation=mode), transforms.CenterCrop(self.size)]
+        with open(path, "rb") as f:
+            image = Image.open(f).convert("RGB")
+        return transforms.Compose(steps + [transforms.PILToTensor()])(image)
+
+    def crop(self, image, crop):
+        """A uint8 [3, H, W] image, on any device, cropped and resized to image_size x image_size."""
+        from torchvision.transforms.v2 import functional as F2
+
+        if not self.train:
+            return F2.center_crop(F2.resize(image, [self.resize], self.interpolation), [self.size, self.size])
+        top, left, height, width, flip = crop.tolist()
+        image = F2.resized_crop(image, int(top), int(left), int(height), int(width), [self.size, self.size],
+                                self.interpolation)
+        return F2.horizontal_flip(image) if flip else image
+
+    def collate(self, items):
+        images, labels, crops, paths, notes = zip(*items)
+        if self.decode != "gpu" and all(image.dim() == 3 for image in images):
+            images = torch.stack(images)
+        return images, torch.tensor(labels), torch.stack(crops), list(paths), list(notes)
+
+    def prepare(self, batch, device):
+        """The batch's images as the model reads them: on the device, float, normalized with ImageNet's statistics."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        images, _, crops, paths, notes = batch
+        for note in notes:
+            if note.startswith("error"):
+                raise ConfigError(note[len("error: "):])
+            if note and note not in self.seen:
+                self.seen.add(note)
+                self.ctx.log(note)
+        if self.decode == "gpu":
+            compressed = [i for i, image in enumerate(images) if image.dim() == 1]
+            try:
+                decoded = decode_jpeg([images[i] for i in compressed], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:  # which file: decode them one by one
+                for i in compressed:
+                    try:
+                        decode_jpeg(images[i], mode=ImageReadMode.RGB, device=device)
+                    except RuntimeError as e:
+                        raise ConfigError(f"cannot decode {paths[i]} ({e})") from None
+                raise
+            images = list(images)
+            for i, image in zip(compressed, decoded):
+                images[i] = image
+            images = torch.stack([self.crop(image.to(device), crop) for image, crop in zip(images, crops)])
+        mean, std = (torch.tensor(v, device=device).view(3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
+        return (images.to(device, non_blocking=True).float() - mean) / std
+
+
+def _jpeg_header(data):
+    """(height, width, components) from a JPEG's frame header; None for anything that is not a JPEG."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big"), data[i + 9]
+        i += 2 + length
+    return None
 
 
 def synthetic_images(num_train, num_val, num_classes, image_size, shift=0, seed=0):
@@ -1108,7 +1241,7 @@ class Batches:
             # A generator of its own: the workers' seeds must not move the global RNG (new modules draw from it).
             self._iter = iter(torch.utils.data.DataLoader(
                 self.dataset, self.per_rank, sampler=indices, drop_last=True, num_workers=self.workers,
-                pin_memory=self.ctx.device.type == "cuda",
+                collate_fn=getattr(self.dataset, "collate", None), pin_memory=self.ctx.device.type == "cuda",
                 generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)))
         try:
             batch = next(self._iter)
@@ -1125,31 +1258,35 @@ class Batches:
         self.epoch, self.index, self._iter = state["epoch"], state["index"], None
 
 
-def classification_task(cfg, ctx, val_set):
-    """Cross-entropy with label smoothing on (images, labels) batches; top-1 in percent on val_set, each example once
-    over all processes (example k on process k mod world)."""
+def classification_task(cfg, ctx, train_set, val_set):
+    """Cross-entropy with label smoothing on (images, labels, ...) batches; top-1 in percent on val_set, each
+    example once over all processes (example k on process k mod world)."""
     subset = torch.utils.data.Subset(val_set, range(ctx.rank, len(val_set), ctx.world))
     loader = torch.utils.data.DataLoader(subset, cfg.batch_size // ctx.world, num_workers=cfg.workers,
+                                         collate_fn=getattr(val_set, "collate", None),
                                          pin_memory=ctx.device.type == "cuda")
 
+    def images(dataset, batch):  # ImageFiles prepare their batches; generated images are ready
+        return dataset.prepare(batch, ctx.device) if hasattr(dataset, "prepare") else batch[0].to(ctx.device)
+
     def loss(model, batch):
-        images, labels = (t.to(ctx.device, non_blocking=True) for t in batch)
-        return F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
+        labels = batch[1].to(ctx.device, non_blocking=True)
+        return F.cross_entropy(model(images(train_set, batch)), labels, label_smoothing=cfg.label_smoothing)
 
     @torch.no_grad()
     def top1(model):
         training, counts = model.training, torch.zeros(2, dtype=torch.float64, device=ctx.device)
         model.eval()
-        for images, labels in loader:
-            images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+        for batch in loader:
+            labels = batch[1].to(ctx.device, non_blocking=True)
             with autocast(ctx.device, cfg.dtype):
-                counts[0] += (model(images).argmax(1) == labels).sum()
+                counts[0] += (model(images(val_set, batch)).argmax(1) == labels).sum()
             counts[1] += labels.numel()
         model.train(training)
         correct, total = all_reduce_sum(counts).tolist()
         return 100.0 * correct / max(total, 1)
 
-    return Task(loss=loss, inputs=lambda batch: batch[0], evaluate=top1, metric="top1")
+    return Task(loss=loss, inputs=lambda batch: images(train_set, batch), evaluate=top1, metric="top1")
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,8 @@ SCRIPTS = ("resnet18_to_mlp", "dinov2_to_patchmlp", "gpt2_to_rnn", "resnet50_to_
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
-    proc = run_script("tools/bench.py", ["--size=tiny", "--repeats=1", "--warmup=0", f"--out={tmp / 'b.json'}"], cwd=tmp)
+    proc = run_script("tools/bench.py", ["--size=tiny", "--repeats=1", "--warmup=0", f"--out={tmp / 'b.json'}"],
+                      cwd=tmp)
     with open(tmp / "b.json") as f:
         return json.load(f), proc.stdout
 
@@ -136,3 +137,42 @@ def test_tensor_memory_counts_what_lives():
         return torch.ones(1000)
 
     assert bench.peak_extra_memory(two_at_once, torch.device("cpu")) == 2 * 4000
+
+
+def test_target_steps_loader_rows_and_the_cost_of_table_1(report):
+    res, log = report
+    stages = {"resnet18_to_mlp": 20, "dinov2_to_patchmlp": 12, "gpt2_to_rnn": 12, "resnet50_to_resnet18": 5}
+    for name, count in stages.items():
+        assert len(res["finetune_step_s"][name]) == count and positive(res["target_train_step_s"][name])
+        assert res["align_over_target_train"][name] == pytest.approx(
+            sum(res["align_step_s"][name]) / count / res["target_train_step_s"][name])
+        # The arithmetic, from the script's paper defaults: ImageNet's 1281167 images at batch 256 for 100 epochs
+        # (GPT-2: its 10000 steps), each stage's alignment and fine-tuning steps, 8 GPUs, 5 seeds of 3 arms.
+        align, finetune = (1000, 100) if name != "resnet50_to_resnet18" else (2000, 200)
+        final = 10000 if name == "gpt2_to_rnn" else 100 * (1281167 // 256)
+        target = res["target_train_step_s"][name]
+        not_s = sum(align * a + finetune * f for a, f in zip(res["align_step_s"][name], res["finetune_step_s"][name]))
+        not_s += final * target
+        naive_s = (count * (align + finetune) + final) * target
+        cost = res["table1_cost"][name]
+        assert cost["not_hours"] == pytest.approx(not_s / 3600) and cost["naive_hours"] == pytest.approx(naive_s / 3600)
+        assert cost["grid_gpu_hours"] == pytest.approx(8 * 5 * (2 * not_s + naive_s) / 3600)
+    paths = {row["decode"]: row for row in res["loader"]["paths"]}
+    assert set(paths) == {"pil", "cpu"}  # the GPU path only on CUDA
+    assert all(positive(row["images_per_s_per_core"]) for row in paths.values())
+    best = max(row["images_per_s_per_core"] for row in paths.values())
+    for row in res["loader"]["models"]:
+        per_gpu = res["batch"][row["guide_of"]] / res["train_step_s"][row["guide_of"]]
+        assert row["train_images_per_s_per_gpu"] == pytest.approx(per_gpu)
+        assert row["cores_for_8_gpus"] == pytest.approx(8 * per_gpu / best)
+    assert "loader pil |" in log and "loader cpu |" in log and "Table 1 at the paper's settings" in log
+
+
+def test_generated_jpegs_are_imagenet_sized(tmp_path):
+    from PIL import Image
+
+    train = bench.jpeg_folder(str(tmp_path), 3)
+    for name in ("0.JPEG", "1.JPEG", "2.JPEG"):
+        image = Image.open(f"{train}/a/{name}")
+        assert image.format == "JPEG" and image.size == (500, 375)
+        assert 20_000 < (tmp_path / "train" / "a" / name).stat().st_size < 200_000  # ImageNet's are ~110 KB on average

@@ -137,7 +137,8 @@ def test_peak_flops_of_the_card_in_use(monkeypatch, name, peak):
 
 
 def test_mfu_in_the_log_lines(monkeypatch, tmp_path):
-    task = common.Task(loss=TASK.loss, inputs=TASK.inputs, evaluate=None, metric="loss", flops_per_example=lambda m: 1e6)
+    task = common.Task(loss=TASK.loss, inputs=TASK.inputs, evaluate=None, metric="loss",
+                       flops_per_example=lambda m: 1e6)
     _, logs = one_process_phase(tmp_path, "train", task, "--log_interval=1")
     steps = [line for line in logs if " step " in line]
     assert len(steps) == 2 and all("| mfu n/a |" in line for line in steps)  # on CPU

@@ -228,8 +228,9 @@ def make_image_folder(root, classes, per_class=4, size=40):
 def test_image_folder_checks(tmp_path):
     make_image_folder(tmp_path / "ok", ["a", "b"])
     assert common.check_image_folders(str(tmp_path / "ok")) == ["a", "b"]
-    train, val = common.image_folders(str(tmp_path / "ok"), image_size=32)
-    assert train[0][0].shape == (3, 32, 32) and len(val) == 8
+    train, val = (common.ImageFiles(str(tmp_path / "ok" / split), split == "train", 32, "bilinear", "cpu",
+                                    common.Context()) for split in ("train", "val"))
+    assert train[0][0].shape == (3, 32, 32) and train[0][0].dtype == torch.uint8 and len(val) == 8
     make_image_folder(tmp_path / "mismatch", ["a", "b"])
     os.rename(tmp_path / "mismatch" / "val" / "b", tmp_path / "mismatch" / "val" / "c")
     with pytest.raises(SystemExit, match=r"only in train \['b'\], only in val \['c'\]"):

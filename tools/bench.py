@@ -355,30 +355,39 @@ def cka_cost(bench):
 
 
 def stage_times(bench, conv):
-    """Item 2 and 3: the median alignment step of each stage, and one training step of the guide."""
+    """Items 2 and 3: each stage's median alignment step and fine-tuning step (a task step of the whole hybrid), one
+    training step of the guide, and one of the target (the hybrid after the last stage)."""
     guide = conv.guide.eval().requires_grad_(False)
     align_cfg = SimpleNamespace(dtype=bench.dtype, cka_unbiased=conv.cfg.cka_unbiased, cka_scope="local",
                                 grad_clip=conv.cfg.grad_clip)
-    hybrid, times = copy.deepcopy(guide), []
+    hybrid, align, finetune = copy.deepcopy(guide), [], []
     for stage in conv.stages:
         stage.swap(hybrid)
         hybrid.to(bench.device).eval().requires_grad_(False)
-        params = [p for name in stage.train for p in hybrid.get_submodule(name).train().requires_grad_(True).parameters()]
+        params = [p for name in stage.train
+                  for p in hybrid.get_submodule(name).train().requires_grad_(True).parameters()]
         opt = common.make_optimizer(params, "adamw", conv.cfg.align_lr, 0.0, bench.device)
-        times.append(median_time(lambda: common.align_step(guide, hybrid, stage, conv.x, opt, align_cfg),
+        align.append(median_time(lambda: common.align_step(guide, hybrid, stage, conv.x, opt, align_cfg),
                                  bench.device, bench.repeats, bench.warmup))
+        finetune.append(train_step_time(bench, conv, hybrid))
+    return align, finetune, train_step_time(bench, conv, copy.deepcopy(guide)), finetune[-1]
 
-    model = copy.deepcopy(guide).train().requires_grad_(True)
+
+def train_step_time(bench, conv, model):
+    """The median task step (forward, backward, AdamW step) of every parameter of model on the bench batch."""
+    model.train().requires_grad_(True)
     opt = common.make_optimizer(model.parameters(), "adamw", 1e-4, 0.0, bench.device)
 
-    def train_step():
+    def step():
         with common.autocast(bench.device, bench.dtype):
             loss = conv.loss(model, conv.x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return times, median_time(train_step, bench.device, bench.repeats, bench.warmup)
+    seconds = median_time(step, bench.device, bench.repeats, bench.warmup)
+    model.eval().requires_grad_(False)
+    return seconds
 
 
 def mlp_params(rank, image_size=224):
@@ -393,6 +402,87 @@ def mlp_params(rank, image_size=224):
         h.remove()
     others = num_params(model) - sum(num_params(m) for m in convolutions.values())
     return others + sum(rank * (math.prod(i) + math.prod(o)) + math.prod(o) for i, o in shapes)
+
+
+IMAGENET_TRAIN = 1281167  # ILSVRC-2012 training images
+
+
+def table1_cost(name, align, finetune, target):
+    """Item 6: one arm's wall time on 8 GPUs (each doing one GPU's share, the bench batch), from the measured step
+    times and the script's own defaults: each stage's alignment and fine-tuning steps, then the final training
+    (100 epochs of ImageNet at batch 256, or GPT-2's train_steps); the naive arm (and scratch) trains the target
+    for as many steps. The 5-seed grid: 5 x (NoT trained, NoT untrained, naive). Evaluations are left out."""
+    script = {"resnet18_to_mlp": resnet18_to_mlp, "dinov2_to_patchmlp": dinov2_to_patchmlp, "gpt2_to_rnn": gpt2_to_rnn,
+              "resnet50_to_resnet18": resnet50_to_resnet18}[name]
+    cfg = common.configure(script.SETTINGS, [])
+    train_steps = getattr(cfg, "train_steps", 0) or cfg.epochs * (IMAGENET_TRAIN // cfg.batch_size)
+    stage_s = sum(cfg.align_steps * a + cfg.finetune_steps * f for a, f in zip(align, finetune))
+    not_s = stage_s + train_steps * target
+    naive_s = (len(align) * (cfg.align_steps + cfg.finetune_steps) + train_steps) * target
+    return {"train_steps": train_steps, "stage_steps": cfg.align_steps + cfg.finetune_steps, "gpus": SHARDS,
+            "not_hours": not_s / 3600, "naive_hours": naive_s / 3600,
+            "grid_gpu_hours": SHARDS * 5 * (2 * not_s + naive_s) / 3600}
+
+
+def jpeg_folder(root, count, size=(500, 375)):
+    """count JPEGs of ImageNet's typical size (500 x 375, quality 90: about ImageNet's bytes per image) in
+    root/train/a: smooth random pictures with some noise."""
+    from PIL import Image
+
+    folder = os.path.join(root, "train", "a")
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(count):
+        picture = F.interpolate(torch.rand(1, 3, 12, 16, generator=g) * 255, size=size[::-1], mode="bicubic")[0]
+        picture = (picture + 12 * torch.randn(picture.shape, generator=g)).clamp(0, 255).byte()
+        Image.fromarray(picture.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i}.JPEG"), quality=90)
+    return os.path.join(root, "train")
+
+
+def loader_rows(bench, results, count=48):
+    """Item 7: training images per second of each decoding path (common.ImageFiles, RandomResizedCrop to 224) on a
+    folder of ImageNet-sized JPEGs: the CPU paths per core (one thread, no workers: decode, crop, collate,
+    normalize), side by side; on CUDA the GPU path with 1 and 2 DataLoader workers. Beside them each image
+    model's training images/s per GPU (its guide's training step) and the cores 8 GPUs need to be kept fed."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        train = jpeg_folder(root, count)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        for decode in ("pil", "cpu"):
+            data = common.ImageFiles(train, True, 224, "bilinear", decode, common.Context(device=bench.device))
+            batch = lambda: data.prepare(data.collate([data[i] for i in range(count)]), bench.device)  # noqa: E731
+            seconds = median_time(batch, bench.device, bench.repeats, max(bench.warmup, 1))
+            rows.append({"decode": decode, "workers": 0, "images_per_s_per_core": count / seconds})
+        torch.set_num_threads(threads)
+        if bench.device.type == "cuda":
+            data = common.ImageFiles(train, True, 224, "bilinear", "gpu", common.Context(device=bench.device))
+            for workers in (1, 2):
+                sampler = torch.utils.data.RandomSampler(data, num_samples=20 * count)
+                loader = torch.utils.data.DataLoader(data, 16, num_workers=workers, collate_fn=data.collate,
+                                                     sampler=sampler)
+                batches = iter(loader)
+                data.prepare(next(batches), bench.device)
+                sync(bench.device)
+                t0, seen = time.perf_counter(), 0
+                for batch in batches:
+                    seen += data.prepare(batch, bench.device).shape[0]
+                sync(bench.device)
+                rows.append({"decode": "gpu", "workers": workers, "images_per_s": seen / (time.perf_counter() - t0)})
+    best = max(r["images_per_s_per_core"] for r in rows if "images_per_s_per_core" in r)
+    for row in rows:
+        print(f"loader {row['decode']:3} | " + (f"{row['images_per_s_per_core']:.0f} images/s per core" if "workers"
+              in row and row["workers"] == 0 else f"{row['workers']} workers: {row['images_per_s']:.0f} images/s"))
+    models = []
+    for name in ("resnet18_to_mlp", "dinov2_to_patchmlp", "resnet50_to_resnet18"):
+        per_gpu = results["batch"][name] / results["train_step_s"][name]
+        models.append({"guide_of": name, "train_images_per_s_per_gpu": per_gpu,
+                       "cores_for_8_gpus": SHARDS * per_gpu / best})
+        print(f"  {name}'s guide trains {per_gpu:.0f} images/s per GPU: 8 GPUs need {SHARDS * per_gpu / best:.0f} "
+              f"cores of the fastest CPU path")
+    return {"paths": rows, "models": models}
 
 
 def scale_rows():
@@ -414,7 +504,8 @@ def main(argv):
     if cfg["repeats"] <= 0 or cfg["warmup"] < 0:
         raise common.ConfigError(f"--repeats={cfg['repeats']} --warmup={cfg['warmup']}: need at least one timed run "
                                  f"and no negative warm-up")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"])
+    device = cfg["device"] if cfg["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     ctx = common.Context(device=device)
     common.seed_everything(cfg["seed"])
     if ctx.device.type == "cuda":
@@ -434,18 +525,25 @@ def main(argv):
                "cka_s": cka_s, "gram_s": gram_s,
                "cka_peak_extra_bytes": cka_peak, "cka_input_bytes": cka_inputs, "first_over_last_stage": {},
                "align_over_train": {}, "align_step_s": {}, "train_step_s": {}, "batch": {}, "inference": {}}
+    results.update(finetune_step_s={}, target_train_step_s={}, align_over_target_train={}, table1_cost={})
     for name, build in CONVERSIONS.items():
         conv = build(bench)
-        times, train = stage_times(bench, conv)
+        times, finetune, train, target = stage_times(bench, conv)
         results["batch"][name] = conv.x.shape[0]
-        results["align_step_s"][name] = times
-        results["train_step_s"][name] = train
+        results["align_step_s"][name], results["finetune_step_s"][name] = times, finetune
+        results["train_step_s"][name], results["target_train_step_s"][name] = train, target
         results["first_over_last_stage"][name] = times[0] / times[-1]
         results["align_over_train"][name] = statistics.mean(times) / train
+        results["align_over_target_train"][name] = statistics.mean(times) / target
         print(f"{name}: batch {conv.x.shape[0]} | align step first {times[0] * 1e3:.1f} ms, last "
               f"{times[-1] * 1e3:.1f} ms, mean {statistics.mean(times) * 1e3:.1f} ms over {len(times)} stages | "
-              f"guide train step {train * 1e3:.1f} ms | first/last {times[0] / times[-1]:.2f} | "
-              f"align/train {statistics.mean(times) / train:.2f}")
+              f"guide train step {train * 1e3:.1f} ms, target's {target * 1e3:.1f} ms | first/last "
+              f"{times[0] / times[-1]:.2f} | align/train {statistics.mean(times) / train:.2f} | align/target train "
+              f"{statistics.mean(times) / target:.2f}")
+        cost = results["table1_cost"][name] = table1_cost(name, times, finetune, target)
+        print(f"  Table 1 at the paper's settings on {SHARDS} such GPUs: NoT {cost['not_hours']:.1f} h, naive "
+              f"{cost['naive_hours']:.1f} h per arm; the 5-seed grid {cost['grid_gpu_hours']:.0f} GPU-hours "
+              f"({cost['train_steps']} final steps, {len(times)} stages of {cost['stage_steps']})")
         results["inference"][name] = conv.inference(bench)
         for row in results["inference"][name]:
             speed = (f"{row['tokens_per_s']:.0f} tokens/s | {row['flops_per_token'] / 1e6:.1f} MFLOP/token | "
@@ -454,6 +552,7 @@ def main(argv):
             print(f"  {row['model']:6} {row['setting']:18} | {row['params'] / 1e6:8.2f} M params | {speed} | "
                   f"peak {row['peak_memory_bytes'] / 2**20:.1f} MiB")
         del conv
+    results["loader"] = loader_rows(bench, results)
     results["scale"] = scale_rows()
     print(f"resnet18_to_mlp at 224 px: training memory per GPU ({BYTES_PER_PARAM} bytes/param, before activations)")
     for row in results["scale"]:
