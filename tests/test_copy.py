@@ -102,7 +102,8 @@ def test_resnet18_to_mlp_becomes_depthwise_separable_convolutions(tmp_path):
         ("rank=64, ", ""),
     ])
     assert changed <= 20
-    args = ["--preset=tiny", "--align_steps=3", "--finetune_steps=1", "--epochs=1", "--bn_recal_batches=2"]
+    args = ["--preset=tiny", "--align_steps=3", "--finetune_steps=1", "--epochs=1", "--bn_recal_batches=2",
+            "--synthetic_train=512", "--synthetic_val=64"]
     run_copy(path, args, tmp_path)
     out_dir = tmp_path / "out-resnet18_to_separable-tiny"
     res = read_results(out_dir)
@@ -115,7 +116,7 @@ def test_resnet18_to_mlp_becomes_depthwise_separable_convolutions(tmp_path):
     # The saved target scores what the run reported, recomputed from scratch on the generated validation set.
     import common
 
-    _, val = common.synthetic_images(1024, 256, 10, 32)
+    _, val = common.synthetic_images(512, 64, 10, 32)
     images, labels = val.tensors
     with torch.no_grad():
         top1 = 100.0 * (target(images).argmax(1) == labels).float().mean().item()
