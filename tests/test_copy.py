@@ -94,8 +94,10 @@ def test_resnet18_to_mlp_becomes_depthwise_separable_convolutions(tmp_path):
     low_rank = text[text.index("class LowRankLinear"):text.index("def make_stages")].rstrip("\n") + "\n"
     path, changed = copy_with(tmp_path, "resnet18_to_mlp.py", "resnet18_to_separable.py", [
         (low_rank, DEPTHWISE_SEPARABLE),
-        (text[text.index("            common.replace(hybrid, name, lambda conv"):text.index("cfg.rank), example)") + 19],
-         "            common.replace(hybrid, name, lambda conv, in_shape, out_shape: DepthwiseSeparable(conv), example)"),
+        (text[text.index("            common.replace(hybrid, name, lambda conv"):
+              text.index("cfg.rank), example)") + 19],
+         "            common.replace(hybrid, name, lambda conv, in_shape, out_shape: DepthwiseSeparable(conv), "
+         "example)"),
         ('    rank=256,  # r, the inner width of each low-rank map (the paper: 256 to 1024)\n', ""),
         ('checks={"rank": common.positive}', "checks={}"),
         ("rank=32, ", ""),

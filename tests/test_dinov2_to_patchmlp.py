@@ -314,21 +314,26 @@ def test_bad_input_from_the_command_line(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
-def test_time_left_in_the_log_is_within_a_fifth_of_the_truth(runs):
+def test_time_left_in_the_log_is_within_a_fifth_of_the_truth(tmp_path):
     """From the run's own log: each line's estimate of the time left against the time the run really took after it
     (the final line's elapsed time), from the end of the first stage, when every kind of stage phase has run.
     Within 20% at the median line, and no line off by half: a machine whose load changes mid-run moves the truth
-    after the estimate is made. The log prints whole seconds: one second more is allowed."""
+    after the estimate is made. The log prints whole seconds (one second more is allowed), so the run must last
+    long enough for seconds to measure it: on a machine where it took under 10 s it runs again, longer."""
     import re
     import statistics
 
-    _, log = runs["not"]
     clock = r"(\d+):(\d\d):(\d\d)"
-    total = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in
-             re.findall(rf"final top1 .* {clock} elapsed", log)][0]
+    epochs, total = 4, None
+    while total is None or total < 10:
+        if total is not None:
+            epochs *= -(-12 // max(total, 1))
+        log = run([*FAST, f"--epochs={epochs}", f"--out_dir={tmp_path / str(epochs)}"], cwd=tmp_path).stdout
+        total = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in
+                 re.findall(rf"final top1 .* {clock} elapsed", log)][0]
     lines = log[log.index("stage 1/4 done"):].splitlines()
     estimates = [(int(a) * 3600 + int(b) * 60 + int(c), int(d) * 3600 + int(e) * 60 + int(f))
                  for a, b, c, d, e, f in re.findall(rf"{clock} elapsed, {clock} left", "\n".join(lines))]
-    assert len(estimates) >= 10 and total >= 5
+    assert len(estimates) >= 10
     errors = [max(abs(left - (total - elapsed)) - 1, 0) / max(total - elapsed, 1) for elapsed, left in estimates]
     assert statistics.median(errors) <= 0.2 and max(errors) <= 0.5, list(zip(estimates, errors))

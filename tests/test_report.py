@@ -127,6 +127,34 @@ def test_curves_average_stages_and_start_at_the_guide(grid):
     assert lines == {"naive, trained guide": pytest.approx(40.0)}  # the naive runs of seeds 0-2: 40, 42, 38
 
 
+def test_stage_table_gives_each_stage_over_the_seeds(tmp_path):
+    """stages.md: per stage the mean CKA over places and seeds, the metric before and after fine-tuning (mean ±
+    standard error), the lowest seed and its share of that seed's guide; untrained guides get a table of their own."""
+    after = {1: [80.0, 95.0], 2: [70.0, 99.0]}  # seed: per-stage top-1
+    dirs = []
+    for seed, guide in ((1, 100.0), (2, 90.0)):
+        dirs.append(write_run(tmp_path / f"not-{seed}", seed=seed, guide_metric=guide, stages=after[seed]))
+        results = json.loads((tmp_path / f"not-{seed}" / "results.json").read_text())
+        for k, stage in enumerate(results["stages"]):
+            stage.update(replaced=[f"layer{k}"], cka={"a": 0.5 + 0.1 * seed, "b": 0.7 + 0.1 * k},
+                         top1_before_finetune=10.0 * seed + k)
+        (tmp_path / f"not-{seed}" / "results.json").write_text(json.dumps(results))
+    dirs.append(write_run(tmp_path / "not-random", seed=1, guide="random", guide_metric=10.0, stages=(30.0,)))
+    report.report(dirs, str(tmp_path / "out"), say=lambda *a: None)
+    text = (tmp_path / "out" / "stages.md").read_text()
+    tables = {part.split(", ")[1].split()[0]: part for part in text.split("### ")[1:]}
+    trained, untrained = tables["trained"], tables["untrained"]
+    rows = [r.split(" | ") for r in trained.splitlines() if r.startswith("| 1 ") or r.startswith("| 2 ")]
+    cka_1 = statistics.mean([(0.6 + 0.7) / 2, (0.7 + 0.7) / 2])
+    assert rows[0][1:3] == ["layer0", f"{cka_1:.3f}"]
+    assert rows[0][3] == f"{statistics.mean([10.0, 20.0]):.2f} ± {statistics.stdev([10.0, 20.0]) / 2 ** 0.5:.2f} (n=2)"
+    assert rows[0][4] == f"{statistics.mean([80.0, 70.0]):.2f} ± {statistics.stdev([80.0, 70.0]) / 2 ** 0.5:.2f} (n=2)"
+    assert rows[0][5:] == ["70.00", "77.8 |"]  # seed 2: 70 of its guide's 90
+    assert rows[1][5:] == ["95.00", "95.0 |"]
+    assert "seeds 1, 2" in trained and "seeds 1)" in untrained
+    assert "| 1 |  |  |  | 30.00 (n=1) | 30.00 |  |" in untrained
+
+
 def test_bad_folders_are_named_and_skipped(tmp_path):
     good = write_run(tmp_path / "good")
     running = write_run(tmp_path / "running", status="running", stages=(1, 2))

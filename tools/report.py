@@ -6,8 +6,9 @@ Table 1 and Figure 1 from run folders.
 Reads each folder's results.json (any written by these scripts, old or new), averages runs that differ only in
 the seed, and prints Table 1's layout: the guide, NoT and the naive baseline with trained and untrained guides,
 `scratch` where present, each cell `mean ± standard error (n=seeds)`, and NoT's differences from each baseline
-paired by seed. Writes table.md, table.csv and, per conversion, figure1-<script>.png (drawn with Pillow, which
-torchvision brings: matplotlib is not among the project's packages).
+paired by seed. Writes table.md, table.csv, stages.md (Figure 1 as numbers: each stage's CKA and metric over the
+seeds, and its lowest seed as a share of that seed's guide) and, per conversion, figure1-<script>.png (drawn with
+Pillow, which torchvision brings: matplotlib is not among the project's packages).
 """
 import json
 import math
@@ -178,6 +179,11 @@ def report(run_dirs, out_dir=".", select="final", say=print):
     for name, text in (("table.md", table), ("table.csv", "\n".join(csv) + "\n")):
         with common.atomic_path(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
             f.write(text)
+    stages = stage_tables(runs)
+    if stages:
+        with common.atomic_path(os.path.join(out_dir, "stages.md")) as tmp, open(tmp, "w") as f:
+            f.write(stages)
+        say(f"wrote {os.path.join(out_dir, 'stages.md')}")
     # One figure per conversion and setting, forward and reverse order together.
     figures = _group(runs, _NOT_COMPARED | {"order"})
     for i, ((script, _), members) in enumerate(sorted(figures.items())):
@@ -185,6 +191,45 @@ def report(run_dirs, out_dir=".", select="final", say=print):
         path = os.path.join(out_dir, f"figure1-{os.path.splitext(script)[0]}" + (f"-{i}" if several else "") + ".png")
         if plot_stages(members, path):
             say(f"wrote {path}")
+
+
+def stage_tables(runs):
+    """stages.md: per conversion, setting and guide (trained or not), one row per stage of the NoT runs: the mean
+    CKA at the end of its alignment (over the places it compares), the metric before and after its fine-tuning
+    (mean ± standard error over seeds), the lowest seed's metric, and that as a share of the seed's own guide
+    (for a lower-is-better metric, guide / metric; left empty for an untrained guide)."""
+    groups = {}
+    for (script, compared), members in _group([r for r in runs if r["config"]["method"] == "not"],
+                                              _NOT_COMPARED).items():
+        for run in members:
+            trained = run["config"]["guide"] != "random"
+            groups.setdefault((script, compared, trained), []).append(run)
+    out = []
+    for (script, compared, trained), members in sorted(groups.items()):
+        name = members[0]["metric"]["name"]
+        lower = members[0]["metric"].get("lower_is_better", name != "top1")
+        settings = ", ".join(f"{k}={v}" for k, v in json.loads(compared).items() if k in ("order",))
+        out += [f"### {script}, {'trained' if trained else 'untrained'} guide ({settings}, seeds "
+                f"{', '.join(str(r['config']['seed']) for r in sorted(members, key=lambda r: r['config']['seed']))})",
+                "", f"| stage | replaced | CKA | {name} before fine-tuning | {name} | lowest seed "
+                "| lowest, % of guide |",
+                "|---|---|---|---|---|---|---|"]
+        for k in range(max(len(r["stages"]) for r in members)):
+            done = [r for r in members if len(r["stages"]) > k and name in r["stages"][k]]
+            if not done:
+                continue
+            stages = [r["stages"][k] for r in done]
+            cka = _mean_se([sum(s["cka"].values()) / len(s["cka"]) for s in stages if s.get("cka")])
+            before = _mean_se([s[f"{name}_before_finetune"] for s in stages if f"{name}_before_finetune" in s])
+            worst_run = (max if lower else min)(done, key=lambda r: r["stages"][k][name])
+            worst, guide = worst_run["stages"][k][name], worst_run["guide_metric"]
+            share = ("" if not trained or not guide or not worst
+                     else f"{100 * (guide / worst if lower else worst / guide):.1f}")
+            cka_cell = "" if cka is None else f"{cka[0]:.3f}"
+            out.append(f"| {k + 1} | {', '.join(stages[0].get('replaced', []))} | {cka_cell} | {_fmt(before)} | "
+                       f"{_fmt(_mean_se([s[name] for s in stages]))} | {worst:.2f} | {share} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def stage_curves(runs):
