@@ -208,7 +208,10 @@ def stage_tables(runs):
     for (script, compared, trained), members in sorted(groups.items()):
         name = members[0]["metric"]["name"]
         lower = members[0]["metric"].get("lower_is_better", name != "top1")
-        settings = ", ".join(f"{k}={v}" for k, v in json.loads(compared).items() if k in ("order",))
+        mine = json.loads(compared)
+        differ = sorted({k for s, c, _ in groups if s == script for k, v in json.loads(c).items() if mine.get(k) != v}
+                        | {"order"})
+        settings = ", ".join(f"{k}={mine.get(k)}" for k in differ)
         out += [f"### {script}, {'trained' if trained else 'untrained'} guide ({settings}, seeds "
                 f"{', '.join(str(r['config']['seed']) for r in sorted(members, key=lambda r: r['config']['seed']))})",
                 "", f"| stage | replaced | CKA | {name} before fine-tuning | {name} | lowest seed "
