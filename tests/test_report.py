@@ -65,6 +65,7 @@ def test_table_averages_over_seeds_only(grid, tmp_path):
     assert float(paired["mean"]) == pytest.approx(statistics.mean(differences))
     assert float(paired["standard_error"]) == pytest.approx(statistics.stdev(differences) / 3 ** 0.5, rel=1e-5)
     assert float(cell[(forward, "Guide")]["mean"]) == pytest.approx(69.0)  # untrained guides do not count here
+    assert cell[(forward, "Guide")]["seeds"] == "4"  # one guide per seed (0-3), however many arms it guided
     # The reverse run and the other learning rate are rows of their own, labelled by what differs.
     assert float(cell[("lr=0.001, order=reverse", "NoT (trained)")]["mean"]) == 58.0
     assert float(cell[("lr=0.1, order=forward", "NoT (trained)")]["mean"]) == 10.0

@@ -121,9 +121,9 @@ def table_rows(runs, select="final"):
         differ = sorted({k for other in siblings for k in set(other) | set(mine) if other.get(k) != mine.get(k)})
         row = {"script": script, "metric": members[0]["metric"]["name"], "runs": members,
                "settings": ", ".join(f"{k}={mine.get(k)}" for k in differ)}
-        trained = [r["guide_metric"] for r in members
-                   if r["config"]["guide"] != "random" and r["guide_metric"] is not None]
-        row["guide"] = _mean_se(trained)
+        trained = {r["config"]["seed"]: r["guide_metric"] for r in members  # one per seed: arms share the guide
+                   if r["config"]["guide"] != "random" and r["guide_metric"] is not None}
+        row["guide"] = _mean_se(list(trained.values()))
         arms = {}
         for run in members:
             value = _value(run, select)

@@ -33,8 +33,10 @@ STUDIES = {
     "dinov2_to_patchmlp": dict(guide=[*OWN_BUDGET, "--epochs=40"], guide_file="guide.pt", arms={
         "not-trained": ["--guide={guide}"], "not-trained-reverse": ["--guide={guide}", "--order=reverse"],
         "not-untrained": [], "naive": ["--method=naive"],
-        # an ablation, not an arm of Table 1: ten times the alignment, for the ceiling of a token-wise MLP's CKA
-        "ablation-align400": ["--guide={guide}", "--align_steps=400"]}),
+        # ablations, not arms of Table 1: ten times the alignment, for the ceiling of a token-wise MLP's CKA; and
+        # every attention replaced at once in the trained guide, for what the guide's kept parts give without CKA
+        "ablation-align400": ["--guide={guide}", "--align_steps=400"],
+        "ablation-naive-trained": ["--guide={guide}", "--method=naive"]}),
     "gpt2_to_rnn": dict(guide=[*OWN_BUDGET, "--train_steps=8000", "--lr=1e-3", "--warmup_steps=200"],
                         guide_file="pytorch_model.bin", arms={
         "not-trained": ["--guide={guide}"], "not-untrained": [], "naive": ["--method=naive"]}),
