@@ -17,6 +17,7 @@ import copy
 import datetime
 import gc
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -672,7 +673,7 @@ class Run:
         self.phase, self.grad_steps, self.records, self.evals, self.guide_metric = 0, 0, [], [], None
         self.saved, self.sharded, self.warned, self.values, self.alignment = None, None, set(), {}, {}
         self.stages, self.phases = 0, None  # the plan: how many stages, and every phase's (kind, steps)
-        # For the time left: (phase, seconds per step) of each kind's phases, and (phase, seconds) between phases.
+        # For the time left: {kind: {phase: seconds per step}}, and (phase, seconds) of the work between phases.
         self.started, self.rates, self.gaps, self.phase_end = time.time(), {}, [], None
         if cfg.resume:
             self.saved = load_checkpoint(self.path)
@@ -715,8 +716,7 @@ class Run:
             yield step
             self.grad_steps += 1
             now = time.time()
-            self.rates[kind] = [r for r in self.rates.get(kind, []) if r[0] != phase] + [(phase, (now - t0) /
-                                                                                     (step + 1 - start))]
+            self.rates.setdefault(kind, {})[phase] = (now - t0) / (step + 1 - start)
             if "cka" in self.values:
                 window.append(torch.stack(list(self.values["cka"].values())))
                 last.append(window[-1])
@@ -766,7 +766,7 @@ class Run:
         nearest = {"align": ("align", "finetune", "train"), "finetune": ("finetune", "train", "align"),
                    "train": ("train", "finetune", "align")}
         left = [(phase, kind, steps_left)] + [(p, k, n) for p, (k, n) in enumerate(self.phases or []) if p > phase]
-        seconds = sum(n * _trend(next(self.rates[k] for k in nearest[later] if k in self.rates), p)
+        seconds = sum(n * _trend(list(next(self.rates[k] for k in nearest[later] if k in self.rates).items()), p)
                       for p, later, n in left)
         return seconds + sum(_trend(self.gaps, p + 1) for p, _, _ in left if self.gaps)
 
@@ -1098,10 +1098,11 @@ class ImageFiles(torch.utils.data.Dataset):
         path, label = self.samples[i]
         with open(path, "rb") as f:
             data = f.read()
-        header, note = _jpeg_header(data), ""
+        note = ""
         try:
             if self.decode == "pil":
-                return self._pil(path), label, torch.zeros(5), path, note
+                return self._pil(data), label, torch.zeros(5), path, note
+            header = _jpeg_header(data)
             if self.decode == "gpu" and header and header[2] == 3:
                 image, (height, width) = torch.frombuffer(bytearray(data), dtype=torch.uint8), header[:2]
             else:  # the CPU decodes it: every file with --decode=cpu, the odd ones with --decode=gpu
@@ -1121,7 +1122,7 @@ class ImageFiles(torch.utils.data.Dataset):
             image = self.crop(image, crop)
         return image, label, crop, path, note
 
-    def _pil(self, path):
+    def _pil(self, data):
         from PIL import Image
         from torchvision import transforms
 
@@ -1130,8 +1131,7 @@ class ImageFiles(torch.utils.data.Dataset):
             steps = [transforms.RandomResizedCrop(self.size, interpolation=mode), transforms.RandomHorizontalFlip()]
         else:
             steps = [transforms.Resize(self.resize, interpolation=mode), transforms.CenterCrop(self.size)]
-        with open(path, "rb") as f:
-            image = Image.open(f).convert("RGB")
+        image = Image.open(io.BytesIO(data)).convert("RGB")
         return transforms.Compose(steps + [transforms.PILToTensor()])(image)
 
     def crop(self, image, crop):

@@ -97,6 +97,13 @@ def _group(runs, not_compared):
     return groups
 
 
+def _settings(mine, siblings, always=()):
+    """What sets one group's settings apart from its siblings' (and the keys in always), as "k=v, ..."."""
+    differ = sorted({k for other in siblings for k in set(other) | set(mine) if other.get(k) != mine.get(k)}
+                    | set(always))
+    return ", ".join(f"{k}={mine.get(k)}" for k in differ)
+
+
 def _value(run, select):
     """A run's result: its final metric, or (select="best") the best of its validations during final training."""
     if select == "final":
@@ -116,11 +123,9 @@ def table_rows(runs, select="final"):
     groups = _group(runs, _NOT_COMPARED)
     rows = []
     for (script, compared), members in sorted(groups.items()):
-        siblings = [json.loads(c) for s, c in groups if s == script]
         mine = json.loads(compared)
-        differ = sorted({k for other in siblings for k in set(other) | set(mine) if other.get(k) != mine.get(k)})
         row = {"script": script, "metric": members[0]["metric"]["name"], "runs": members,
-               "settings": ", ".join(f"{k}={mine.get(k)}" for k in differ)}
+               "settings": _settings(mine, [json.loads(c) for s, c in groups if s == script])}
         trained = {r["config"]["seed"]: r["guide_metric"] for r in members  # one per seed: arms share the guide
                    if r["config"]["guide"] != "random" and r["guide_metric"] is not None}
         row["guide"] = _mean_se(list(trained.values()))
@@ -208,10 +213,7 @@ def stage_tables(runs):
     for (script, compared, trained), members in sorted(groups.items()):
         name = members[0]["metric"]["name"]
         lower = members[0]["metric"].get("lower_is_better", name != "top1")
-        mine = json.loads(compared)
-        differ = sorted({k for s, c, _ in groups if s == script for k, v in json.loads(c).items() if mine.get(k) != v}
-                        | {"order"})
-        settings = ", ".join(f"{k}={mine.get(k)}" for k in differ)
+        settings = _settings(json.loads(compared), [json.loads(c) for s, c, _ in groups if s == script], {"order"})
         out += [f"### {script}, {'trained' if trained else 'untrained'} guide ({settings}, seeds "
                 f"{', '.join(str(r['config']['seed']) for r in sorted(members, key=lambda r: r['config']['seed']))})",
                 "", f"| stage | replaced | CKA | {name} before fine-tuning | {name} | lowest seed "
