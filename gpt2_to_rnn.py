@@ -3,7 +3,8 @@ Network of Theseus: GPT-2 -> RNN on Wikitext-103. Table 1: perplexity of the gui
 guide) and 58.26 (untrained guide), naive 119.44.
 
 In every block of a GPT-2 small guide (12 layers, 768 wide) the causal self-attention becomes two stacked Elman
-RNN layers (tanh, as wide as the model) reading the same input, causal by construction. Embeddings, MLPs,
+RNN layers (tanh, as wide as the model) and their output layer, reading the same input, causal by construction
+(--calibrate=linear folds the least-squares map onto the guide's output into that layer). Embeddings, MLPs,
 LayerNorms and the tied output layer stay. The converted model is a true recurrent language model: `generate`
 carries each block's state one token at a time. One block per stage (--order=reverse: last first).
 
@@ -25,7 +26,6 @@ Metric: perplexity of non-overlapping windows of seq_len tokens, no earlier cont
 """
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -45,6 +45,8 @@ SETTINGS = dict(
     n_embd=768,
     rnn_dtype="float32",  # the recurrence on CUDA: "float32" (autocast off inside it) or "bfloat16" (cuDNN's RNN
     # under the run's autocast; tools/gpu_check.sh measures both); CPU runs float32
+    rnn_output="linear",  # the mixer's output: "linear" (an Elman network's output layer, W h + b: attention's c_proj
+    # has one, and a calibration folds into it) or "none" (the second layer's state itself, bounded by tanh)
     lr=3e-4,
     weight_decay=0.1,
     warmup_steps=500,
@@ -65,12 +67,14 @@ PRESETS = {
 
 
 class RNNMixer(nn.Module):
-    """The replacement of one attention: two stacked Elman RNN layers (tanh). It reads the attention's input
-    [B, T, C] and returns token rows [B*T, C], as the attention does (CKA compares tokens as examples)."""
+    """The replacement of one attention: two stacked Elman RNN layers (tanh), then an output layer (a Linear, as an
+    Elman network has; output="none": none). It reads the attention's input [B, T, C] and returns token rows
+    [B*T, C], as the attention does (the similarity compares tokens as examples)."""
 
-    def __init__(self, width, dtype="float32"):
+    def __init__(self, width, dtype="float32", output="linear"):
         super().__init__()
         self.rnn = nn.RNN(width, width, num_layers=2, nonlinearity="tanh", batch_first=True)
+        self.out = nn.Linear(width, width) if output == "linear" else nn.Identity()
         self.autocast = dtype == "bfloat16"  # how it runs, not a weight: not in the state dict
 
     def forward(self, x):
@@ -79,9 +83,11 @@ class RNNMixer(nn.Module):
     def step(self, x, state):
         """x [B, T, C] continuing from state (None: zeros) -> (outputs [B, T, C], the new state)."""
         if self.autocast:
-            return self.rnn(x, state)
-        with torch.autocast(x.device.type, enabled=False):  # float32, whatever the run's autocast
-            return self.rnn(x.float(), None if state is None else state.float())
+            y, state = self.rnn(x, state)
+        else:
+            with torch.autocast(x.device.type, enabled=False):  # float32, whatever the run's autocast
+                y, state = self.rnn(x.float(), None if state is None else state.float())
+        return self.out(y), state
 
 
 def make_stages(guide, example, cfg):
@@ -90,8 +96,8 @@ def make_stages(guide, example, cfg):
 
     def stage(name):
         def swap(hybrid):
-            common.replace(hybrid, name, lambda attn, in_shape, out_shape: RNNMixer(in_shape[-1], cfg.rnn_dtype),
-                           example)
+            common.replace(hybrid, name, lambda attn, in_shape, out_shape: RNNMixer(
+                in_shape[-1], cfg.rnn_dtype, cfg.rnn_output), example)
 
         return common.Stage(swap, compare=[(name, name)], train=[name])
 
@@ -297,7 +303,8 @@ def load_guide(spec, n_layer=12, n_embd=768, vocab_size=50257):
 def load_target(path):
     """The converted model a run saved (out_dir/target.pt): the guide's architecture with every stage swapped."""
     saved = common.load_checkpoint(path, ("config", "arch", "model"), "target.pt")
-    cfg = SimpleNamespace(**{"rnn_dtype": "float32", **saved["config"]})  # target.pt files older than the setting
+    # target.pt files older than the settings
+    cfg = SimpleNamespace(**{"rnn_dtype": "float32", "rnn_output": "none", **saved["config"]})
     guide = GPT(GPTConfig(**saved["arch"]))
     target = common.swapped(guide, make_stages(guide, torch.zeros(1, cfg.seq_len, dtype=torch.long), cfg))
     target.load_state_dict(saved["model"])
@@ -306,7 +313,8 @@ def load_target(path):
 
 def main(argv):
     cfg = common.configure(SETTINGS, argv, PRESETS, checks={"n_layer": common.positive, "n_embd": common.positive,
-                                                            "rnn_dtype": ("float32", "bfloat16")})
+                                                            "rnn_dtype": ("float32", "bfloat16"),
+                                                            "rnn_output": ("linear", "none")})
     if cfg.n_embd % 64:
         raise common.ConfigError(f"--n_embd={cfg.n_embd}: must be a multiple of 64 (GPT-2's heads are 64 wide)")
     if cfg.seq_len > GPTConfig.block_size:
@@ -340,17 +348,19 @@ def main(argv):
         ctx.log(f"{cfg.eval_only} val_ppl {task.evaluate(model):.2f} test_ppl {task.evaluate(model, 'test'):.2f}")
         return common.finish_processes()
     guide = get_guide()
-    batches = common.Windows(tokens["train"], cfg.batch_size // ctx.world, cfg.seq_len, cfg.seed, ctx.rank)
+    batches = common.Windows(tokens["train"], cfg.batch_size, cfg.seq_len, cfg.seed, ctx.rank, ctx.world)
     stages = make_stages(guide, torch.zeros(1, cfg.seq_len, dtype=torch.long, device=ctx.device), cfg)
     run = common.Run(cfg, ctx, task, batches)
-    steps = common.total_steps(stages, cfg, cfg.train_steps)  # what every arm takes
+    # The final training: train_steps, else epochs of the training tokens, batch_size windows of seq_len a step.
+    train_steps = cfg.train_steps or cfg.epochs * len(tokens["train"]) // (cfg.batch_size * cfg.seq_len)
+    steps = common.total_steps(stages, cfg, train_steps)  # what every arm takes
 
     if cfg.method == "not":
         run.evaluate_guide(guide)
-        model = common.convert(guide, stages, cfg.train_steps, task, run)
+        model = common.convert(guide, stages, train_steps, task, run)
     elif cfg.method == "naive":  # every attention replaced at once, task loss only
         run.evaluate_guide(guide)
-        model = common.swapped(guide, stages)
+        model = common.swapped(guide, stages, cfg.seed)
         common.train(model, "train", steps, cfg.lr, task, run)
     else:  # "guide": a GPT of the guide's size from scratch, for --guide= of later runs (and transformers)
         model = guide
@@ -373,4 +383,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    common.launch(main)

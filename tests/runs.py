@@ -1,18 +1,22 @@
 """Running a script's command line the way a user does, for the end-to-end tests."""
 import json
 import os
+import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 
+import torch
 import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 # A rare abort of a gloo process at exit, after all its work is done (seen once in about 25 two-process CPU runs
-# of torch 2.14 here, and once in CI under mp.spawn): a two-process run that fails this way alone is run once
-# more, from scratch.
+# of torch 2.14 here, and once in CI under mp.spawn): a two-process run that fails this way after its
+# results.json says done is run once more, from scratch. One that failed before it was done has failed.
 GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
@@ -20,14 +24,83 @@ def run_script(script, args, cwd, launcher=(sys.executable,), check=True, env=No
     """Run ROOT/script with args in cwd; with check, fail with the end of its output unless it exits 0."""
     command = [*launcher, os.path.join(ROOT, script), *args]
     proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    if proc.returncode != 0 and launcher == TORCHRUN_2 and GLOO_EXIT_ABORT in proc.stderr:
-        for arg in args:
-            if arg.startswith("--out_dir="):
-                shutil.rmtree(os.path.join(cwd, arg.split("=", 1)[1]), ignore_errors=True)
+    out_dirs = [os.path.join(cwd, a.split("=", 1)[1]) for a in args if a.startswith("--out_dir=")]
+    if proc.returncode != 0 and launcher == TORCHRUN_2 and GLOO_EXIT_ABORT in proc.stderr and out_dirs and _done(
+            out_dirs[-1]):
+        shutil.rmtree(out_dirs[-1])
         proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def kill_mid_phase(script, args, cwd, out_dir, lines):
+    """Run ROOT/script with args (log_interval=1 and ckpt_interval=1 among them) and stop it at the first of `lines`
+    (beginnings of log lines, in the order they come) after which its checkpoint holds a position inside a phase
+    (step > 0); kill it there. Returns that checkpoint."""
+    import torch
+
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if lines and line.startswith(lines[0]):
+                lines.pop(0)
+                proc.send_signal(signal.SIGSTOP)  # ckpt.pt is always whole: it is replaced, never rewritten
+                saved = torch.load(os.path.join(cwd, out_dir, "ckpt.pt"), weights_only=True)
+                if saved["step"] > 0:
+                    return saved
+                proc.send_signal(signal.SIGCONT)
+        raise AssertionError(f"{script} ended before any of its checkpoints was inside a phase at {lines}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def steps_logged(log):
+    """The (phase name, step) of every step line of a log."""
+    return [(name, int(step)) for name, step in re.findall(r"^(.*) step (\d+)/\d+ \|", log, re.MULTILINE)]
+
+
+def assert_stages_agree(two, one, tolerance=None, final_tolerance=None, relative=False, cka_tolerance=1e-3):
+    """Two runs' results.json (of 2 processes and of 1, on the same global batches) record the same stages: CKA
+    within cka_tolerance, the metric before and after fine-tuning within tolerance (None: not compared) and the final metric
+    within final_tolerance (None: not compared); relative: as fractions of one process's values. Alignment gives a
+    new module's last bias no gradient (CKA ignores offsets) but float noise, which Adam makes into steps of its
+    learning rate that differ between the two; measured: CKA within 2e-5, the ViT's top-1 within one image of 64,
+    GPT's stage perplexities within 1e-4 and its final one (after 40 more steps) within 0.22%. New modules that
+    started differently on the two processes move CKA by 1e-2 and more."""
+    assert two["grad_steps"] == one["grad_steps"] and len(two["stages"]) == len(one["stages"])
+    metric = one["metric"]["name"]
+
+    def close(a, b, tol):
+        return abs(a - b) <= tol * (abs(b) if relative else 1)
+
+    for a, b in zip(two["stages"], one["stages"]):
+        assert all(abs(a["cka"][k] - b["cka"][k]) <= cka_tolerance for k in b["cka"]), (a, b)
+        for key in (metric, f"{metric}_before_finetune") if tolerance is not None else ():
+            assert (key in a) == (key in b) and close(a.get(key, 0), b.get(key, 0), tolerance), (a, b)
+    if final_tolerance is not None:
+        assert close(two["metric"]["value"], one["metric"]["value"], final_tolerance)
+
+
+def assert_other_similarity_run(out_dir, log, flag, measure, stages):
+    """A run with --similarity=dmnn|rsa or --calibrate=linear: done, every stage records its one place's measure and
+    curve under that measure's name (D-MNN runs also the hard mutual k-NN), and the log names it."""
+    res = read_results(out_dir)
+    assert res["status"] == "done" and len(res["stages"]) == stages
+    for stage in res["stages"]:
+        assert len(stage[measure]) == len(stage[f"{measure}_curve"][-1][1]) == 1
+        assert ("mutual_knn" in stage) == (measure == "dmnn") and stage.get("calibrated") == (
+            "linear" if flag == "--calibrate=linear" else None)
+    assert f"| {measure} " in log and ("| mutual_knn " in log) == (measure == "dmnn")
+
+
+def _done(out_dir):
+    try:
+        return read_results(out_dir)["status"] == "done"
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def read_results(out_dir):
@@ -50,5 +123,24 @@ def spawn_two(worker, args, folder):
 
 
 def _run_and_mark(rank, worker, init_method, marks, *args):
+    torch.set_num_threads(1)  # as torchrun sets each process: two processes on two cores
     worker(rank, init_method, *args)
     open(os.path.join(marks, f"returned-{rank}"), "w").close()
+
+
+def write_text_folder(folder, sizes=(60, 15, 15)):
+    """wiki.{train,valid,test}.raw in Wikitext's layout: headings, blank lines of one space, paragraphs."""
+    rng = random.Random(0)
+    who = ["The captain", "A farmer", "Her uncle", "The committee", "This species", "The old bridge"]
+    did = ["was rebuilt", "moved north", "was named after him", "won the award", "declined", "sold the land"]
+    when = ["in 1862", "during the war", "the next spring", "after 40 years", "in late October", "at once"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, paragraphs in zip(("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"), sizes):
+        lines = []
+        for p in range(paragraphs):
+            if p % 5 == 0:
+                lines += [" \n", f" = Section {p // 5} = \n", " \n"]
+            sentences = [f"{rng.choice(who)} {rng.choice(did)} {rng.choice(when)} ." for _ in range(4)]
+            lines.append(" " + " ".join(sentences) + " \n")
+        (folder / name).write_text("".join(lines), encoding="utf-8")
+    return folder

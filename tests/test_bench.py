@@ -70,8 +70,9 @@ def test_bench_json_has_every_measurement(report):
 def test_cka_forms_no_matrix_as_large_as_its_inputs(report):
     res, _ = report
     assert res["cka_input_bytes"] == 4 * 64 * (64 * 56 * 56 + 128 * 28 * 28)
-    # Two 64 x 64 Gram matrices and a few of their kind; a copy of either input would be megabytes.
-    assert 0 < res["cka_peak_extra_bytes"] < res["cka_input_bytes"] / 100
+    # Centred a sixteenth of the columns at a time (common._CentredGram), beside the 64 x 64 Gram matrices: a copy
+    # of the inputs would be as large as they are.
+    assert 0 < res["cka_peak_extra_bytes"] < res["cka_input_bytes"] / 8
 
 
 def test_parameter_counts_and_flops_match_independent_counts(report):
@@ -147,9 +148,10 @@ def test_target_steps_loader_rows_and_the_cost_of_table_1(report):
         assert res["align_over_target_train"][name] == pytest.approx(
             sum(res["align_step_s"][name]) / count / res["target_train_step_s"][name])
         # The arithmetic, from the script's paper defaults: ImageNet's 1281167 images at batch 256 for 100 epochs
-        # (GPT-2: its 10000 steps), each stage's alignment and fine-tuning steps, 8 GPUs, 5 seeds of 3 arms.
+        # (GPT-2: 100 epochs of 103,227,021 words at 1.209 tokens a word, 256 windows of 128 a step), each stage's
+        # alignment and fine-tuning steps, 8 GPUs, 5 seeds of 3 arms.
         align, finetune = (1000, 100) if name != "resnet50_to_resnet18" else (2000, 200)
-        final = 10000 if name == "gpt2_to_rnn" else 100 * (1281167 // 256)
+        final = 100 * (round(103227021 * 1.209) // (256 * 128)) if name == "gpt2_to_rnn" else 100 * (1281167 // 256)
         target = res["target_train_step_s"][name]
         not_s = sum(align * a + finetune * f for a, f in zip(res["align_step_s"][name], res["finetune_step_s"][name]))
         not_s += final * target

@@ -78,7 +78,7 @@ def test_gram_and_feature_forms_agree(pair):
     x, y = pair[0].flatten(1), pair[1]
     x, y = x - x.mean(0), y - y.mean(0)
     for unbiased in (False, True):
-        gram = common._hsic_gram(common._center_gram(x @ x.T), common._center_gram(y @ y.T), unbiased)
+        gram = common._hsic_gram(x @ x.T, y @ y.T, unbiased)  # centred rows: centred Gram matrices
         feat = common._hsic_features(x, y, unbiased)
         for a, b in zip(gram, feat):
             assert a.item() == pytest.approx(b.item(), rel=1e-4)
@@ -150,3 +150,34 @@ def test_gradient_matches_finite_differences(pair):
         xm[i] -= eps
         numeric = (reference_cka(xp, y) - reference_cka(xm, y)) / (2 * eps)
         assert x.grad[i].item() == pytest.approx(numeric, rel=1e-2, abs=1e-6)
+
+
+def test_unbiased_cka_of_ordinary_offset_features_is_not_the_degenerate_floor():
+    """Features offset by 4 standard deviations, n = 4096, 256 of them: the debiased CKA must be the textbook's
+    (0.33), with a gradient; a floor not divided by n(n - 3) like the HSIC it is compared with returns exactly 0
+    here (HSIC(K, K) 256 against a floor of 317)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 256, generator=g) + 4
+    y = x @ torch.randn(256, 32, generator=g) + torch.randn(4096, 32, generator=g)
+    x.requires_grad_(True)
+    value = common.cka(x, y, unbiased=True)
+    value.backward()
+    assert value.item() == pytest.approx(common.textbook_cka(x.detach(), y, unbiased=True).item(), abs=1e-5)
+    assert value.item() > 0.1 and x.grad.norm() > 0
+
+
+def test_textbook_unbiased_cka_is_the_u_statistic():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 4, generator=g)
+    y = x @ torch.randn(4, 3, generator=g) + torch.randn(8, 3, generator=g)
+    assert common.textbook_cka(x, y, unbiased=True).item() == pytest.approx(reference_unbiased_cka(x, y), abs=1e-12)
+
+
+@pytest.mark.parametrize("offset", [100.0, 300.0])
+def test_features_far_from_zero_keep_their_digits(offset):
+    """n = 64 examples of 2000 features offset 100 or 300 times their spread (the Gram form): within 1e-5 of the
+    textbook (building the uncentred Gram matrix in float32 first lost 2e-4 at 100x, 9e-3 at 300x)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 2000, generator=g) + offset
+    y = 0.5 * torch.randn(64, 2000, generator=g) + x
+    assert common.cka(x, y).item() == pytest.approx(common.textbook_cka(x, y).item(), abs=1e-5)

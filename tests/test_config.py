@@ -1,4 +1,6 @@
 """Settings the nanoGPT way: --key=value over a script's settings and presets, typed, checked, with clear errors."""
+import os
+
 import pytest
 
 import common
@@ -57,3 +59,33 @@ def test_settings_are_checked_once_for_every_script(argv, checks, message):
     assert message in str(err.value.code)
     # A script's own allowed values replace the shared ones.
     assert common.configure({}, ["--method=scratch"], checks={"method": ("not", "scratch")}).method == "scratch"
+
+
+@pytest.mark.parametrize("name", ["resnet18_to_mlp", "dinov2_to_patchmlp", "gpt2_to_rnn", "resnet50_to_resnet18"])
+def test_help_lists_every_setting_with_its_default_and_comment(tmp_path, name):
+    import importlib
+    import re
+    import textwrap
+
+    from runs import run_script
+
+    script = importlib.import_module(name)
+    flag = "-h" if name.startswith(("gpt2", "resnet50")) else "--help"  # each spelling, half the scripts
+    proc = run_script(f"{name}.py", ["--preset=tiny", flag], tmp_path)
+    assert proc.returncode == 0 and os.listdir(tmp_path) == []  # nothing else ran
+    text = proc.stdout
+    assert text.startswith(script.__doc__.strip().split("\n\n")[0])
+    settings = {**common.SETTINGS, **script.SETTINGS}
+    for key, default in settings.items():
+        assert re.search(rf"^  --{key}={re.escape(repr(default))}( \(.*\))?$", text, re.MULTILINE), key
+    # Comments, read from the source independently: the script's own line for its settings, common.py's else.
+    for path, names in ((script.__file__, script.SETTINGS), (common.__file__, common.SETTINGS)):
+        source = open(path).read()
+        for key in names:
+            found = re.search(rf"^    {key}=.*?  # (.*)$", source, re.MULTILINE)
+            if found and (path == script.__file__ or key not in script.SETTINGS):
+                first = textwrap.wrap(found[1], 116)[0]
+                assert f"\n      {first}" in text, key
+    assert "--method='not' (one of not, naive" in text and "--batch_size=256 (positive)" in text
+    for preset, values in script.PRESETS.items():
+        assert f"  {preset}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()) in text

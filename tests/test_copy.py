@@ -8,6 +8,7 @@ import sys
 import torch
 import torch.nn as nn
 
+from learning import LEARNED
 from runs import ROOT, read_results
 
 
@@ -43,18 +44,23 @@ def load_module(path):
     return module
 
 
-def test_gpt2_to_rnn_becomes_gpt2_to_gru_by_changing_the_replacement_module(tmp_path):
-    path, changed = copy_with(tmp_path, "gpt2_to_rnn.py", "gpt2_to_gru.py", [
-        ("two stacked Elman RNN layers (tanh). It reads", "one GRU layer. It reads"),
+def gru_copy(folder):
+    """gpt2_to_rnn.py with one GRU per attention: (its path, the lines changed)."""
+    return copy_with(folder, "gpt2_to_rnn.py", "gpt2_to_gru.py", [
+        ("two stacked Elman RNN layers (tanh), then", "one GRU layer, then"),
         ('self.rnn = nn.RNN(width, width, num_layers=2, nonlinearity="tanh", batch_first=True)',
          "self.rnn = nn.GRU(width, width, batch_first=True)"),
     ])
+
+
+def test_gpt2_to_rnn_becomes_gpt2_to_gru_by_changing_the_replacement_module(tmp_path):
+    path, changed = gru_copy(tmp_path)
     assert changed <= 6
-    log = run_copy(path, ["--preset=tiny", "--cache_dir=cache"], tmp_path)
+    log = run_copy(path, [a.format(cache="cache") for a in LEARNED["gpt2_to_gru tiny"].args], tmp_path)
     out_dir = tmp_path / "out-gpt2_to_gru-tiny"  # named after the copy, with no edit for it
     res = read_results(out_dir)
     assert res["script"] == "gpt2_to_gru.py" and "final val_ppl" in log
-    assert res["metric"]["value"] < res["guide_metric"] / 10  # it learned
+    LEARNED["gpt2_to_gru tiny"].check(res)
     target = load_module(path).load_target(str(out_dir / "target.pt"))
     assert [type(block.attn.rnn) for block in target.transformer.h] == [nn.GRU, nn.GRU]
     # Recurrent generation, one token at a time carrying each GRU's state, equals the full forward pass.
@@ -88,11 +94,12 @@ DEPTHWISE_SEPARABLE = '''class DepthwiseSeparable(nn.Module):
 '''
 
 
-def test_resnet18_to_mlp_becomes_depthwise_separable_convolutions(tmp_path):
+def separable_copy(folder):
+    """resnet18_to_mlp.py with depthwise-separable convolutions: (its path, the lines changed)."""
     with open(os.path.join(ROOT, "resnet18_to_mlp.py")) as f:
         text = f.read()
     low_rank = text[text.index("class LowRankLinear"):text.index("def make_stages")].rstrip("\n") + "\n"
-    path, changed = copy_with(tmp_path, "resnet18_to_mlp.py", "resnet18_to_separable.py", [
+    return copy_with(folder, "resnet18_to_mlp.py", "resnet18_to_separable.py", [
         (low_rank, DEPTHWISE_SEPARABLE),
         (text[text.index("            common.replace(hybrid, name, lambda conv"):
               text.index("cfg.rank), example)") + 19],
@@ -103,13 +110,16 @@ def test_resnet18_to_mlp_becomes_depthwise_separable_convolutions(tmp_path):
         ("rank=32, ", ""),
         ("rank=64, ", ""),
     ])
+
+
+def test_resnet18_to_mlp_becomes_depthwise_separable_convolutions(tmp_path):
+    path, changed = separable_copy(tmp_path)
     assert changed <= 20
-    args = ["--preset=tiny", "--align_steps=3", "--finetune_steps=1", "--epochs=1", "--bn_recal_batches=2",
-            "--synthetic_train=512", "--synthetic_val=64"]
-    run_copy(path, args, tmp_path)
+    run_copy(path, LEARNED["resnet18_to_separable"].args, tmp_path)
     out_dir = tmp_path / "out-resnet18_to_separable-tiny"
     res = read_results(out_dir)
-    assert res["script"] == "resnet18_to_separable.py" and len(res["stages"]) == 20 and res["metric"]["value"] > 30
+    assert res["script"] == "resnet18_to_separable.py" and len(res["stages"]) == 20
+    LEARNED["resnet18_to_separable"].check(res)
     copy = load_module(path)
     target = copy.load_target(str(out_dir / "target.pt"))
     assert sum(isinstance(m, copy.DepthwiseSeparable) for m in target.modules()) == 20

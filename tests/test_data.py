@@ -40,3 +40,24 @@ def test_shift_moves_patterns_by_up_to_shift_pixels(bank):
     assert (distance <= 5).float().mean() >= 0.95 and distance.max() <= 6
     # Uniform offsets in [-5, 5]^2 put max(|dy|, |dx|) >= 4 in 1 - (7/11)^2 = 60% of images.
     assert (distance >= 4).float().mean() >= 0.4
+
+
+def test_the_generator_is_the_same_for_a_seed_and_its_difficulty_settings_change_it():
+    settings = dict(shift=8, modes=3, colour=0.3, distractors=5, noise=2.0)
+    first, second = (common.synthetic_images(64, 32, 10, 32, seed=0, **settings) for _ in range(2))
+    for a, b in zip(first, second):
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
+    assert not torch.equal(common.synthetic_images(64, 32, 10, 32, seed=1, **settings)[0].tensors[0],
+                           first[0].tensors[0])
+    for name, value in (("modes", 1), ("colour", 0.0), ("distractors", 0), ("noise", 1.5)):
+        changed = common.synthetic_images(64, 32, 10, 32, seed=0, **{**settings, name: value})[0].tensors[0]
+        assert not torch.equal(changed, first[0].tensors[0]), name
+
+
+def test_each_class_has_its_modes():
+    """With modes=3 and no noise, a class's images are exactly 3 distinct patterns, no two classes sharing one."""
+    train, _ = common.synthetic_images(600, 10, 4, 16, modes=3, noise=0.0)
+    images, labels = train.tensors
+    looks = {c: {tuple(img.flatten()[:8].tolist()) for img in images[labels == c]} for c in range(4)}
+    assert all(len(v) == 3 for v in looks.values())
+    assert len(set().union(*looks.values())) == 12

@@ -12,12 +12,12 @@ import torch
 
 import common
 import dinov2_to_patchmlp as script
-from runs import TORCHRUN_2, read_results, run_script
+from learning import LEARNED
+from runs import TORCHRUN_2, assert_other_similarity_run, assert_stages_agree, read_results, run_script
 
-# The tiny preset (4 blocks, 128 wide, 8 x 8 patches of 32 x 32 images) with fewer steps and images: 4 stages x
-# (4 + 2) steps, then one epoch of 1024 / 32 = 32 steps.
-FAST = ["--preset=tiny", "--device=cpu", "--align_steps=4", "--finetune_steps=2", "--epochs=1",
-        "--bn_recal_batches=2", "--synthetic_val=64"]
+# learning.py's runs: the tiny preset (4 blocks, 128 wide, 8 x 8 patches of 32 x 32 images) with fewer steps and
+# images, 4 stages x (4 + 2) steps, then one epoch of 1024 / 32 = 32 steps.
+FAST = LEARNED["dinov2_to_patchmlp not"].args
 STEPS_PER_EPOCH = 1024 // 32
 TINY = dict(image_size=32, head_layers=4, num_classes=10, embed_dim=128, depth=4, patch_size=8)
 
@@ -31,8 +31,8 @@ def runs(tmp_path_factory):
     """One NoT run and one naive run, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("runs")
     out = {}
-    for name, extra in [("not", []), ("naive", ["--method=naive"])]:
-        proc = run([*FAST, f"--out_dir={tmp / name}", *extra], cwd=tmp)
+    for name in ("not", "naive"):
+        proc = run([*LEARNED[f"dinov2_to_patchmlp {name}"].args, f"--out_dir={tmp / name}"], cwd=tmp)
         out[name] = (str(tmp / name), proc.stdout)
     return out
 
@@ -227,9 +227,11 @@ def test_not_records_every_stage(runs):
     assert [s["replaced"] for s in res["stages"]] == [[f"blocks.{i}.attn"] for i in range(4)]
     for stage in res["stages"]:
         assert stage["align_steps"] == 4 and stage["bn_recal_batches"] == 0  # no BatchNorm in a ViT
-        assert set(stage["cka"]) == set(stage["replaced"]) and all(-1 <= v <= 1 for v in stage["cka"].values())
-        assert 0 <= stage["top1"] <= 100
-    assert res["metric"]["name"] == "top1" and res["metric"]["value"] > 30  # chance: 10% on 10 classes
+        assert set(stage["cka"]) == set(stage["replaced"]) and {"top1", "top1_before_finetune"} <= set(stage)
+    # Not asserted: how far 4 alignment steps raise CKA here (0.0007 to 0.032 over seeds 0-4 at 1 and 2 threads,
+    # tools/margins.py), too near 0 for any bound; alignment learning is tested in test_method.py.
+    assert res["metric"]["name"] == "top1"
+    LEARNED["dinov2_to_patchmlp not"].check(res)  # chance: 10% on 10 classes
     assert res["grad_steps"] == 4 * (4 + 2) + STEPS_PER_EPOCH
     assert "stage 4/4 done" in log and f"train step {STEPS_PER_EPOCH}/{STEPS_PER_EPOCH}" in log
 
@@ -240,7 +242,8 @@ def test_naive_takes_as_many_gradient_steps_as_not(runs):
     naive_res = read_results(naive_dir)
     assert naive_res["grad_steps"] == total
     assert f"train step {total}/{total}" in naive_log and "align" not in naive_log
-    assert naive_res["stages"] == [] and naive_res["metric"]["value"] > 30
+    assert naive_res["stages"] == []
+    LEARNED["dinov2_to_patchmlp naive"].check(naive_res)
 
 
 def test_target_reproduces_its_accuracy(runs):
@@ -256,7 +259,7 @@ def test_target_reproduces_its_accuracy(runs):
 
 def test_method_guide_trains_a_vit_that_guide_reads(tmp_path, runs):
     out_dir = tmp_path / "guide"
-    run([*FAST, f"--out_dir={out_dir}", "--method=guide"], cwd=tmp_path)
+    run([*LEARNED["dinov2_to_patchmlp guide"].args, f"--out_dir={out_dir}"], cwd=tmp_path)
     res = read_results(out_dir)
     # As many steps as a NoT run takes, all of them task steps of the guide's own ViT.
     assert res["grad_steps"] == 4 * (4 + 2) + STEPS_PER_EPOCH and res["stages"] == []
@@ -267,7 +270,8 @@ def test_method_guide_trains_a_vit_that_guide_reads(tmp_path, runs):
     images, labels = val.tensors
     with torch.no_grad():
         top1 = 100.0 * (guide(images).argmax(1) == labels).float().mean().item()
-    assert top1 == pytest.approx(res["metric"]["value"], abs=1e-6) and top1 > 30
+    assert top1 == pytest.approx(res["metric"]["value"], abs=1e-6)
+    LEARNED["dinov2_to_patchmlp guide"].check(res)
     # On the command line too, on the generated images it was trained on.
     proc = run([*FAST, "--out_dir=unused", f"--guide={out_dir / 'guide.pt'}", "--eval_only=guide"], cwd=tmp_path)
     assert f"top1 {top1:.2f}" in proc.stdout
@@ -277,15 +281,25 @@ def test_method_guide_trains_a_vit_that_guide_reads(tmp_path, runs):
         script.load_guide(os.path.join(runs["not"][0], "target.pt"), **TINY)
 
 
-def test_torchrun_two_processes_in_reverse(tmp_path, runs):
-    proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}", "--order=reverse"], cwd=tmp_path, launcher=TORCHRUN_2)
-    res = read_results(tmp_path / "ddp")
-    assert [s["replaced"][0] for s in res["stages"]] == [f"blocks.{i}.attn" for i in (3, 2, 1, 0)]
-    # Two processes of 16 images make the same global batch of 32: one epoch is the same 32 steps.
-    assert res["grad_steps"] == read_results(runs["not"][0])["grad_steps"]
-    assert res["status"] == "done" and res["metric"]["value"] > 30
+def test_torchrun_two_processes_compute_what_one_does(tmp_path, runs):
+    proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}"], cwd=tmp_path, launcher=TORCHRUN_2)
+    # Two processes of 16 images make the same global batch of 32: one epoch is the same 32 steps, and every stage
+    # (alignment on the global batch, DDP fine-tuning; no BatchNorm) and the end score what one process scores.
+    assert read_results(tmp_path / "ddp")["status"] == "done"
+    assert_stages_agree(read_results(tmp_path / "ddp"), read_results(runs["not"][0]), 3 * 100 / 64, 3 * 100 / 64)
     assert proc.stdout.count("final top1") == 1  # rank 0 alone logs
-    assert len(script.load_target(str(tmp_path / "ddp" / "target.pt")).state_dict()) > 0
+
+
+def test_evaluations_do_not_change_what_a_run_computes(tmp_path, runs):
+    """The guide's evaluation and validations during the final training read the validation set: no random draw of
+    theirs may move the new modules' initialization or the data."""
+    run([*FAST, "--out_dir=quiet", "--eval_guide=False"], cwd=tmp_path)
+    run([*FAST, "--out_dir=busy", "--eval_interval=8"], cwd=tmp_path)
+    reference = torch.load(os.path.join(runs["not"][0], "target.pt"))["model"]
+    for name in ("quiet", "busy"):
+        weights = torch.load(tmp_path / name / "target.pt")["model"]
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), name
+    assert len(read_results(tmp_path / "busy")["evals"]) == 32 // 8  # three validations, and the final one
 
 
 @pytest.mark.parametrize("args, message", [
@@ -314,26 +328,15 @@ def test_bad_input_from_the_command_line(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
-def test_time_left_in_the_log_is_within_a_fifth_of_the_truth(tmp_path):
-    """From the run's own log: each line's estimate of the time left against the time the run really took after it
-    (the final line's elapsed time), from the end of the first stage, when every kind of stage phase has run.
-    Within 20% at the median line, and no line off by half: a machine whose load changes mid-run moves the truth
-    after the estimate is made. The log prints whole seconds (one second more is allowed), so the run must last
-    long enough for seconds to measure it: on a machine where it took under 10 s it runs again, longer."""
-    import re
-    import statistics
+# A run's shortest whole form, for the switches of what it computes.
+MINIMAL = ["--preset=tiny", "--device=cpu", "--align_steps=2", "--finetune_steps=1", "--epochs=1",
+           "--synthetic_train=256", "--synthetic_val=32"]
+STAGES = 4
 
-    clock = r"(\d+):(\d\d):(\d\d)"
-    epochs, total = 4, None
-    while total is None or total < 10:
-        if total is not None:
-            epochs *= -(-12 // max(total, 1))
-        log = run([*FAST, f"--epochs={epochs}", f"--out_dir={tmp_path / str(epochs)}"], cwd=tmp_path).stdout
-        total = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in
-                 re.findall(rf"final top1 .* {clock} elapsed", log)][0]
-    lines = log[log.index("stage 1/4 done"):].splitlines()
-    estimates = [(int(a) * 3600 + int(b) * 60 + int(c), int(d) * 3600 + int(e) * 60 + int(f))
-                 for a, b, c, d, e, f in re.findall(rf"{clock} elapsed, {clock} left", "\n".join(lines))]
-    assert len(estimates) >= 10
-    errors = [max(abs(left - (total - elapsed)) - 1, 0) / max(total - elapsed, 1) for elapsed, left in estimates]
-    assert statistics.median(errors) <= 0.2 and max(errors) <= 0.5, list(zip(estimates, errors))
+
+@pytest.mark.parametrize("flag, measure", [("--similarity=dmnn", "dmnn"), ("--similarity=rsa", "rsa"),
+                                           ("--calibrate=linear", "cka")])
+def test_the_other_similarities_and_linear_calibration_run_end_to_end(tmp_path, monkeypatch, capsys, flag, measure):
+    monkeypatch.chdir(tmp_path)
+    script.main([*MINIMAL, flag, "--out_dir=out"])
+    assert_other_similarity_run(tmp_path / "out", capsys.readouterr().out, flag, measure, STAGES)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import common
 from runs import spawn_two
 
-CFG = {"dtype": "float32", "cka_unbiased": False, "cka_scope": "global", "grad_clip": 1.0}
+CFG = {"dtype": "float32", "similarity": "cka", "cka_unbiased": False, "similarity_scope": "global", "grad_clip": 1.0}
 STAGE = common.Stage(swap=None, compare=[("1", "1"), ("4", "4")], train=["1", "4"])  # two modules, one after the other
 
 
@@ -38,8 +38,8 @@ def align(rank, world, scope, out):
     history = []
     for x in batches:
         rows = x[rank * per_rank:(rank + 1) * per_rank]
-        cka = common.align_step(guide, hybrid, STAGE, rows, opt, SimpleNamespace(**dict(CFG, cka_scope=scope)))
-        history.append([v.item() for v in cka.values()])
+        cka = common.align_step(guide, hybrid, STAGE, rows, opt, SimpleNamespace(**dict(CFG, similarity_scope=scope)))
+        history.append([v.item() for v in cka["cka"].values()])
     if rank == 0:
         torch.save({"cka": history, "weights": [p.detach().clone() for p in params]}, out)
 

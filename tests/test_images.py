@@ -3,6 +3,7 @@ independently (PIL) from the parameters it drew, torchvision's own crop distribu
 the tensor path against PIL."""
 import io
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -110,8 +111,8 @@ def documented_crop(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
 
 def test_crop_parameters_follow_random_resized_crop(folder):
     data = files(folder, "train", "gpu")
-    draws = [data[i % len(data)] for i in range(800)]
-    sizes = {path: Image.open(path).size for path, _ in data.samples}
+    draws = [data[i % len(data), i // len(data)] for i in range(800)]  # each image over many epochs
+    sizes = {data.path(i): Image.open(data.path(i)).size for i in range(len(data))}
     rng = np.random.default_rng(0)
     ours, documented = [], []
     for _, _, (top, left, h, w, flip), path, _ in draws:
@@ -185,3 +186,45 @@ def test_a_run_says_how_it_decodes(folder, tmp_path, monkeypatch, capsys):
     assert f"data: 13 training and 10 validation images of 2 classes in {folder}, decoded by cpu" in log
     with pytest.raises(SystemExit, match="--decode=gpu decodes with nvjpeg on CUDA"):
         resnet18_to_mlp.main(["--preset=tiny", f"--data_dir={folder}", "--decode=gpu", "--out_dir=out2"])
+
+
+def test_a_jpeg_nvjpeg_rejects_is_decoded_on_the_cpu(folder, monkeypatch, capsys):
+    """--decode=gpu, its code run on the CPU: a valid JPEG that nvjpeg refuses (arithmetic coding, say) makes the
+    batched decode fail; each file is then tried alone, and the one refused decoded by the CPU, named in the log."""
+    import torchvision.io
+
+    data = files(folder, "val", "gpu")
+    batch = data.collate([data[i] for i in range(len(data))])
+    expected = data.prepare(batch, torch.device("cpu"))
+    refused = batch[0][3]
+    decode_jpeg = torchvision.io.decode_jpeg
+
+    def picky(images, *args, **kwargs):
+        if any(image is refused for image in (images if isinstance(images, list) else [images])):
+            raise RuntimeError("nvjpeg: unsupported JPEG")
+        return decode_jpeg(images, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", picky)
+    capsys.readouterr()
+    assert torch.equal(data.prepare(batch, torch.device("cpu")), expected)
+    assert capsys.readouterr().out == f"decoded on the CPU (nvjpeg rejected it): {batch[3][3]}\n"
+
+
+def test_auto_decodes_on_the_cpu_even_on_cuda(folder, capsys):
+    """--decode=auto stays cpu until a GPU measurement says otherwise (docs/performance.md)."""
+    cfg = common.configure(common.IMAGE_SETTINGS, [f"--data_dir={folder}", "--image_size=32"])
+    train, _, _ = common.image_data(cfg, common.Context(device=torch.device("cuda")))
+    assert train.decode == "cpu" and ", decoded by cpu (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_evaluation_draws_nothing_from_the_global_generator(workers):
+    """Starting a DataLoader's iterator draws a seed: the validation loader has a generator of its own, so that an
+    evaluation (the guide's, or one every eval_interval steps) moves no random state a run reads afterwards."""
+    train, val = common.synthetic_images(64, 40, 10, 16, seed=0)
+    cfg = SimpleNamespace(batch_size=16, workers=workers, label_smoothing=0.1, preset="", dtype="float32")
+    task = common.classification_task(cfg, common.Context(), train, val)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    before = torch.get_rng_state()
+    task.evaluate(model), task.evaluate(model)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -76,16 +76,19 @@ def test_batchnorm_statistics_are_those_of_the_layers_inputs():
     assert common.batchnorm_statistics(model, Stream(batches), 0, lambda x: x, torch.device("cpu")) == 0
 
 
+class LowRank(nn.Module):
+    """A replacement of conv_net's conv at "0" of resnet18_to_mlp.py's kind: a low-rank map of the flattened map,
+    channel-major."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.up = nn.Linear(3 * 8 * 8, 16, bias=False), nn.Linear(16, 8 * 8 * 8)
+
+    def forward(self, x):
+        return self.up(self.down(x.flatten(1))).view(x.shape[0], 8, 8, 8)
+
+
 def test_calibration_gives_the_new_module_the_guides_channel_statistics():
-    # The guide's conv at "0"; the hybrid's replacement, a low-rank map of the flattened map, channel-major.
-    class LowRank(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.down, self.up = nn.Linear(3 * 8 * 8, 16, bias=False), nn.Linear(16, 8 * 8 * 8)
-
-        def forward(self, x):
-            return self.up(self.down(x.flatten(1))).view(x.shape[0], 8, 8, 8)
-
     guide = conv_net()
     guide(torch.zeros(1, 3, 8, 8))
     hybrid = copy.deepcopy(guide)
@@ -129,7 +132,7 @@ def test_alignment_records_a_cka_curve_and_warns_at_the_degenerate_floor(tmp_pat
     assert first["cka_curve"][-1][1]["0"] > first["cka_curve"][0][1]["0"]  # the aligned module learned
     assert 0 < first["cka"]["0"] <= 1 and second["cka"] == {"2": 0.0}
     log = capsys.readouterr().out
-    assert log.count("warning: stage 2 align: the CKA of 2 is exactly 0") == 1 and "stage 1 align: the" not in log
+    assert log.count("warning: stage 2 align: the cka of 2 is exactly 0") == 1 and "stage 1 align: the" not in log
     assert torch.equal(hybrid[2].weight, torch.zeros(3, 8))  # indeed it learned nothing
 
 
@@ -160,3 +163,102 @@ def test_convert_swaps_aligns_finetunes_and_evaluates_each_stage_in_order(tmp_pa
     assert (first["score_before_finetune"], first["score"], second["score"]) == (1.0, 2.0, 4.0)
     assert not any(m is g for m in target for g in guide)  # the target is a new model; the guide is untouched
     assert math.isfinite(target(batches[0][0]).sum().item())
+
+
+def test_time_left_in_the_log_is_exact_for_steady_costs(tmp_path):
+    """A clock of the test's own: an alignment step costs 1 s (its input), a task step 0.5 s (its loss), an evaluation
+    3 s, the work between phases (and after the last, the final evaluation). With costs steady per kind, every log
+    line's time left from the end of the first stage (every kind of phase and the work between them seen; the
+    final training's rate is fine-tuning's) is the truth, to the second the log prints."""
+    import re
+
+    now = [0.0]
+
+    def spend(seconds, value=None):
+        now[0] += seconds
+        return value
+
+    torch.manual_seed(0)
+    guide = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8), nn.BatchNorm1d(8),
+                          nn.Tanh(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(5, 6, generator=g), torch.randint(3, (5,), generator=g)) for _ in range(6)]
+    task = common.Task(loss=lambda model, b: spend(0.5, F.cross_entropy(model(b[0]), b[1])),
+                       inputs=lambda b: spend(1.0, b[0]), evaluate=lambda model: spend(3.0, 0.0), metric="score")
+    stages = [common.Stage(lambda hybrid, i=i: hybrid.__setitem__(i, nn.Linear(6 if i == 0 else 8, 8)),
+                           [(str(i), str(i))], [str(i)]) for i in (0, 3)]
+    run = small_run(tmp_path, batches, task, "--align_steps=6", "--finetune_steps=4", "--bn_recal_batches=0",
+                    "--log_interval=2")
+    run.clock, run.started, lines = (lambda: now[0]), 0.0, []
+    run.log_line = lines.append
+    run.finish(common.convert(guide, stages, 8, task, run))
+    assert now[0] == 2 * (6 + 3 + 4 * 0.5 + 3) + 8 * 0.5 + 3
+    clock = r"(\d+):(\d\d):(\d\d)"
+    seconds = [(int(a) * 3600 + int(b) * 60 + int(c), int(d) * 3600 + int(e) * 60 + int(f)) for a, b, c, d, e, f
+               in re.findall(rf"{clock} elapsed, {clock} left", "\n".join(lines[lines.index(next(
+                   line for line in lines if line.startswith("stage 1/2 done"))):]))]
+    assert len(seconds) == 3 + 2 + 4  # stage 2's alignment and fine-tuning, then the final training
+    assert all(abs(left - (now[0] - elapsed)) <= 1 for elapsed, left in seconds), (seconds, now[0])
+
+
+def test_the_trend_of_a_cost_follows_a_drift_and_keeps_within_bounds():
+    assert common._trend([(1, 2.0), (2, 4.0)], 10) == 3.0  # fewer than 5 points: their mean
+    drifting = [(p, 1.0 + 0.5 * p) for p in range(1, 7)]
+    assert common._trend(drifting, 8) == pytest.approx(5.0)  # the least-squares line, extrapolated
+    assert common._trend(drifting, 100) == pytest.approx(1.5 * 4.0)  # at most 1.5 times the largest seen
+    assert common._trend(drifting, -100) == pytest.approx(0.5 * 1.5)  # at least half the smallest
+
+
+def least_squares(got, wanted):
+    """wanted's least-squares affine prediction from got, channel by channel over rows (and positions), float64."""
+    rows = lambda t: (t if t.dim() == 2 else t.transpose(0, 1).flatten(1).T).double()  # noqa: E731
+    y, g = rows(got), rows(wanted)
+    solution = torch.linalg.lstsq(torch.cat([y, torch.ones(len(y), 1, dtype=y.dtype)], 1), g).solution
+    predicted = torch.cat([y, torch.ones(len(y), 1, dtype=y.dtype)], 1) @ solution
+    return predicted if got.dim() == 2 else predicted.T.reshape(got.shape[1], got.shape[0], *got.shape[2:]).transpose(
+        0, 1)
+
+
+def test_linear_calibration_folds_the_least_squares_map_into_the_last_linear():
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(40, 6, generator=g) for _ in range(3)]
+    # Token rows: a rotated, scaled, offset copy of the guide's mixer, whose output only a full map undoes.
+    torch.manual_seed(0)
+    guide = nn.Sequential(nn.Linear(6, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)), nn.ReLU(),
+                          nn.Linear(8, 3)).eval()
+    hybrid = copy.deepcopy(guide)
+    with torch.no_grad():
+        q = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+        hybrid[1][2].weight.copy_(3.0 * q @ guide[1][2].weight)
+        hybrid[1][2].bias.copy_(torch.randn(8, generator=g))
+        hybrid[1][0].weight.add_(0.3 * torch.randn(8, 8, generator=g))  # not exactly a map of the guide's
+        got = torch.cat([hybrid[1](hybrid[0](x)) for x in batches])
+        wanted = torch.cat([guide[1](guide[0](x)) for x in batches])
+    stage = common.Stage(swap=None, compare=[("1", "1")], train=["1"])
+    common.calibration(guide, hybrid, stage, Stream(batches), 3, lambda x: x, torch.device("cpu"), fit="linear")
+    with torch.no_grad():
+        folded = torch.cat([hybrid[1](hybrid[0](x)) for x in batches]).double()
+    expected = least_squares(got, wanted)
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-4)
+    assert (expected - wanted).abs().max() > 1e-2  # the map could not make it the guide's: a least-squares fit
+    # Already aligned: the map found is the identity, the module unchanged.
+    same, before = copy.deepcopy(guide), copy.deepcopy(guide[1].state_dict())
+    common.calibration(guide, same, stage, Stream(batches), 3, lambda x: x, torch.device("cpu"), fit="linear")
+    for key, value in same[1].state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=1e-4, atol=1e-5)
+
+
+def test_linear_calibration_of_a_feature_map_is_one_map_at_every_position():
+    guide = conv_net()
+    guide(torch.zeros(1, 3, 8, 8))
+    hybrid = copy.deepcopy(guide)
+    hybrid[0] = LowRank()
+    batches = images(3, seed=4)
+    with torch.no_grad():
+        got, wanted = torch.cat([hybrid[0](x) for x in batches]), torch.cat([guide[0](x) for x in batches])
+    stage = common.Stage(swap=None, compare=[("0", "0")], train=["0"])
+    common.calibration(guide.eval(), hybrid.eval(), stage, Stream(batches), 3, lambda x: x, torch.device("cpu"),
+                       fit="linear")
+    with torch.no_grad():
+        folded = torch.cat([hybrid[0](x) for x in batches]).double()
+    torch.testing.assert_close(folded, least_squares(got, wanted), rtol=1e-4, atol=1e-4)

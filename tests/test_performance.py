@@ -82,13 +82,29 @@ def phase(rank, shard, resume, folder):
         sharded_copies.append(weakref.ref(sharded))
         return sharded
 
-    hybrid = model()
-    run = phase_run(folder, rank, 2, shard_and_record if shard else None, TASK, f"--resume={resume}")
-    common.train(hybrid, "train", STEPS, 1e-2, TASK, run)
+    hybrid, taken, gathered = model(), [], []
+
+    def loss(model, batch):  # counts the steps this run takes
+        taken.append(1)
+        return TASK.loss(model, batch)
+
+    def gather(sharded, opt):  # what the checkpoint gathers on this process
+        state = common_gathered_state(sharded, opt)
+        gathered.append((len(state[0]), None if state[1] is None else len(state[1].get("state", {}))))
+        return state
+
+    task = common.Task(loss=loss, inputs=TASK.inputs, evaluate=None, metric="loss")
+    common_gathered_state, common.gathered_state = common.gathered_state, gather
+    try:
+        run = phase_run(folder, rank, 2, shard_and_record if shard else None, task, f"--resume={resume}")
+        common.train(hybrid, "train", STEPS, 1e-2, task, run)
+    finally:
+        common.gathered_state = common_gathered_state
     # The sharded copy is gone when the phase returns, with its optimizer state; not left to the collector.
     assert len(sharded_copies) == shard and all(ref() is None for ref in sharded_copies)
     if rank == 0:
         torch.save(hybrid.state_dict(), f"{folder}/final-{resume}.pt")
+    torch.save({"steps": len(taken), "gathered": gathered}, f"{folder}/taken-{resume}-{rank}.pt")
 
 
 def test_sharded_task_phase_trains_like_ddp_and_resumes_exactly(tmp_path):
@@ -103,6 +119,15 @@ def test_sharded_task_phase_trains_like_ddp_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(sharded[key], ddp[key], rtol=1e-5, atol=1e-6)
         assert torch.equal(resumed[key], sharded[key]), key
     assert (ddp["0.weight"] - initial["0.weight"]).abs().max() > 1e-3  # training moved the weights
+    # Each run took its steps: 4, and the resumed one the 2 after its checkpoint.
+    taken = {(name, resume, rank): torch.load(tmp_path / name / f"taken-{resume}-{rank}.pt")
+             for name, resume in (("ddp", False), ("sharded", False), ("sharded", True)) for rank in (0, 1)}
+    assert {key: t["steps"] for key, t in taken.items()} == {
+        (name, resume, rank): 2 if resume else 4 for name, resume, rank in taken}
+    # Checkpoints of a sharded phase (at its start, and after step 2) gather the weights (5 parameters, 3 buffers)
+    # and the optimizer's state (5 parameters) on process 0 alone; process 1 holds nothing of them.
+    assert taken["sharded", False, 0]["gathered"] == [(8, None), (8, 5)]
+    assert taken["sharded", False, 1]["gathered"] == [(0, None), (0, 0)]
     # The checkpoint holds the whole optimizer state, by parameter name (the sharded form), for all parameters.
     saved = torch.load(tmp_path / "sharded" / "ckpt.pt", weights_only=True)
     assert (saved["phase"], saved["step"]) == (0, 2)

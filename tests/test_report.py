@@ -115,6 +115,7 @@ def test_figure_is_drawn(grid, tmp_path):
     report.report(dirs, str(tmp_path / "out"), say=lambda *a: None)
     pngs = sorted(p.name for p in (tmp_path / "out").glob("figure1-*.png"))
     assert len(pngs) == 2  # one per setting; forward and reverse order share one
+    assert all((tmp_path / "out" / p.replace(".png", ".pdf")).read_bytes().startswith(b"%PDF") for p in pngs)
     image = Image.open(tmp_path / "out" / pngs[0]).convert("RGB")
     colors = {c for _, c in image.getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colors  # the first curve's colour was drawn
@@ -123,9 +124,10 @@ def test_figure_is_drawn(grid, tmp_path):
 def test_curves_average_stages_and_start_at_the_guide(grid):
     dirs, not_trained = grid
     curves, lines = report.stage_curves(report.read_runs(dirs[:3] + dirs[6:9], say=lambda *a: None))
-    mean = pytest.approx(statistics.mean(not_trained))
-    assert curves["NoT forward, trained guide"] == [(0, 69.0), (1, 60.0), (2, 55.0), (3, mean), (4, mean)]
-    assert lines == {"naive, trained guide": pytest.approx(40.0)}  # the naive runs of seeds 0-2: 40, 42, 38
+    # Each stage's value of every seed (the figure draws their mean and standard error); the last is the final.
+    assert curves == {"NoT forward, trained guide, linear CKA": {0: [69.0] * 3, 1: [60.0] * 3, 2: [55.0] * 3,
+                                                                 3: not_trained, 4: not_trained}}
+    assert lines == {"naive, trained guide": [40.0, 42.0, 38.0]}  # the naive runs of seeds 0-2
 
 
 def test_stage_table_gives_each_stage_over_the_seeds(tmp_path):
@@ -191,8 +193,23 @@ def test_results_of_the_current_run_format_are_read(tmp_path):
     runs = report.read_runs([str(tmp_path / "new-0"), str(tmp_path / "new-1"), old], say=lambda *a: None)
     assert len(runs) == 3
     curves, _ = report.stage_curves(runs[:2])
-    assert curves["NoT forward, untrained guide"] == [(0, 10.0), (1, 40.5), (2, 71.0)]
-    report.report([str(tmp_path / "new-0"), str(tmp_path / "new-1"), old], str(tmp_path / "out"), say=lambda *a: None)
+    assert curves == {"NoT forward, untrained guide, linear CKA": {0: [10.0, 10.0], 1: [40.0, 41.0], 2: [70.0, 72.0]}}
+    # A run aligned by D-MNN: its own row, named in the similarity column, and its own curve in the same figure.
+    cfg = common.configure({}, [f"--out_dir={tmp_path / 'dmnn'}", "--guide=random", "--similarity=dmnn"])
+    run = common.Run(cfg, common.Context(script="resnet18_to_mlp.py"), task, batches=None)
+    run.guide_metric = 10.0
+    run.records = [{"stage": 1, "replaced": ["conv1"], "dmnn": {"conv1": 0.6}, "mutual_knn": {"conv1": 0.4},
+                    "dmnn_curve": [[5, {"conv1": 0.5}]], "top1": 35.0}]
+    run.write_results(65.0, "done")
+    folders = [str(tmp_path / "new-0"), str(tmp_path / "new-1"), old, str(tmp_path / "dmnn")]
+    curves, _ = report.stage_curves(report.read_runs(folders[:2] + folders[3:], say=lambda *a: None))
+    assert curves["NoT forward, untrained guide, D-MNN"] == {0: [10.0], 1: [35.0], 2: [65.0]}
+    report.report(folders, str(tmp_path / "out"), say=lambda *a: None)
     rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
-    assert {(r["column"], r["mean"], r["seeds"]) for r in rows if r["column"] == "NoT (untrained)"} >= {
-        ("NoT (untrained)", "71", "2")}
+    assert {(r["similarity"], r["column"], r["mean"], r["seeds"]) for r in rows
+            if r["column"] == "NoT (untrained)"} >= {
+        ("linear CKA", "NoT (untrained)", "71", "2"), ("D-MNN", "NoT (untrained)", "65", "1")}
+    stages = (tmp_path / "out" / "stages.md").read_text()
+    assert "| stage | replaced | D-MNN | top1 before" in stages and "| 1 | conv1 | 0.600 |" in stages
+    # Two figures: the old run's settings, and the new runs' with their CKA and D-MNN curves together.
+    assert len(list((tmp_path / "out").glob("figure1-resnet18_to_mlp*.png"))) == 2

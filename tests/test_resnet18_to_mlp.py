@@ -1,11 +1,6 @@
 """resnet18_to_mlp.py end to end on generated images, on CPU, through its command line."""
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 
 import pytest
@@ -15,11 +10,13 @@ import torchvision
 
 import common
 import resnet18_to_mlp
-from runs import ROOT, TORCHRUN_2, read_results, run_script
+from learning import LEARNED
+from runs import (TORCHRUN_2, assert_other_similarity_run, assert_stages_agree, kill_mid_phase, read_results,
+                  run_script, steps_logged)
 
-# The tiny preset with fewer steps and images: 20 stages x (4 + 2) steps, then one epoch of 512 / 32 = 16 steps.
-FAST = ["--preset=tiny", "--device=cpu", "--align_steps=4", "--finetune_steps=2", "--epochs=1", "--bn_recal_batches=2",
-        "--synthetic_train=512", "--synthetic_val=64"]
+# learning.py's runs: the tiny preset with fewer steps and images, 20 stages x (4 + 2) steps, then 3 epochs of
+# 512 / 32 = 16 steps.
+FAST = LEARNED["resnet18_to_mlp forward"].args
 STEPS_PER_EPOCH = 512 // 32
 CONVOLUTIONS = [n for n, m in torchvision.models.resnet18().named_modules() if isinstance(m, nn.Conv2d)]
 
@@ -33,8 +30,8 @@ def runs(tmp_path_factory):
     """One NoT run in each order and one naive run, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("runs")
     out = {}
-    for name, extra in [("forward", []), ("reverse", ["--order=reverse"]), ("naive", ["--method=naive"])]:
-        proc = run([*FAST, f"--out_dir={tmp / name}", *extra], cwd=tmp)
+    for name in ("forward", "reverse", "naive"):
+        proc = run([*LEARNED[f"resnet18_to_mlp {name}"].args, f"--out_dir={tmp / name}"], cwd=tmp)
         out[name] = (str(tmp / name), proc.stdout)
     return out
 
@@ -45,21 +42,21 @@ def test_not_forward_records_every_stage(runs):
     assert res["status"] == "done" and res["script"] == "resnet18_to_mlp.py"
     assert [s["replaced"] for s in res["stages"]] == [[n] for n in CONVOLUTIONS]
     for stage in res["stages"]:
-        assert stage["align_steps"] == 4 and stage["bn_recal_batches"] == 2
-        assert set(stage["cka"]) == set(stage["replaced"]) and all(-1 <= v <= 1 for v in stage["cka"].values())
+        assert stage["align_steps"] == 4 and stage["bn_recal_batches"] == 2 and set(stage["cka"]) == set(
+            stage["replaced"])
         assert [step for step, _ in stage["cka_curve"]] == [1, 2, 3, 4]  # at most 10 points; 4 steps, 4 points
-        assert 0 <= stage["top1"] <= 100 and 0 <= stage["top1_before_finetune"] <= 100
+        assert {"top1", "top1_before_finetune"} <= set(stage)
     assert res["metric"]["name"] == "top1" and res["metric"]["lower_is_better"] is False
-    assert res["metric"]["value"] > 30  # chance is 10% on the 10 generated classes
-    assert res["grad_steps"] == 20 * (4 + 2) + STEPS_PER_EPOCH
+    LEARNED["resnet18_to_mlp forward"].check(res)  # chance is 10% on the 10 generated classes
+    assert res["grad_steps"] == 20 * (4 + 2) + 3 * STEPS_PER_EPOCH
     assert res["config"]["method"] == "not" and res["config"]["seed"] == 0
-    assert "stage 20/20 done" in log and f"train step {STEPS_PER_EPOCH}/{STEPS_PER_EPOCH}" in log
+    assert "stage 20/20 done" in log and f"train step {3 * STEPS_PER_EPOCH}/{3 * STEPS_PER_EPOCH}" in log
 
 
 def test_not_reverse_replaces_last_first(runs):
     res = read_results(runs["reverse"][0])
     assert [s["replaced"][0] for s in res["stages"]] == CONVOLUTIONS[::-1]
-    assert res["metric"]["value"] > 30
+    LEARNED["resnet18_to_mlp reverse"].check(res)
 
 
 def test_naive_takes_as_many_gradient_steps_as_not(runs):
@@ -69,7 +66,8 @@ def test_naive_takes_as_many_gradient_steps_as_not(runs):
     assert naive_res["grad_steps"] == total
     # The loop itself logged that many task steps in one phase, and no alignment at all.
     assert f"train step {total}/{total}" in naive_log and "align" not in naive_log
-    assert naive_res["stages"] == [] and naive_res["metric"]["value"] > 30
+    assert naive_res["stages"] == []
+    LEARNED["resnet18_to_mlp naive"].check(naive_res)
 
 
 def test_target_has_no_convolution_and_reproduces_its_accuracy(runs):
@@ -87,11 +85,12 @@ def test_target_has_no_convolution_and_reproduces_its_accuracy(runs):
 
 def test_method_guide_trains_a_resnet18_that_guide_reads(tmp_path):
     out_dir = tmp_path / "guide"
-    run([*FAST, f"--out_dir={out_dir}", "--method=guide", "--align_steps=1", "--finetune_steps=1"], cwd=tmp_path)
+    run([*LEARNED["resnet18_to_mlp guide"].args, f"--out_dir={out_dir}"], cwd=tmp_path)
     res = read_results(out_dir)
     # As many steps as a NoT run takes, all of them task steps of a plain ResNet-18.
     assert res["grad_steps"] == 20 * (1 + 1) + STEPS_PER_EPOCH and res["stages"] == []
-    assert res["metric"]["value"] > 30 and not (out_dir / "target.pt").exists()
+    assert not (out_dir / "target.pt").exists()
+    LEARNED["resnet18_to_mlp guide"].check(res)
     guide = torchvision.models.resnet18(num_classes=10).eval()
     guide.load_state_dict(common.load_checkpoint(str(out_dir / "guide.pt"))["model"])
     _, val = common.synthetic_images(512, 64, 10, 32, seed=0)
@@ -104,35 +103,43 @@ def test_method_guide_trains_a_resnet18_that_guide_reads(tmp_path):
     assert f"top1 {top1:.2f}" in proc.stdout and not (tmp_path / "unused").exists()
 
 
-def test_torchrun_two_processes(tmp_path):
-    proc = run([*FAST, f"--out_dir={tmp_path / 'ddp'}", "--align_steps=2", "--finetune_steps=1"], cwd=tmp_path,
-               launcher=TORCHRUN_2)
-    res = read_results(tmp_path / "ddp")
-    # Two processes of 16 images make the same global batch of 32: one epoch is the same 16 steps.
-    assert res["grad_steps"] == 20 * (2 + 1) + STEPS_PER_EPOCH and len(res["stages"]) == 20
-    assert res["status"] == "done" and res["metric"]["value"] > 30
+def test_torchrun_two_processes_align_as_one_on_an_image_folder(tmp_path, monkeypatch):
+    """Images of several sizes read in the main process (--workers=0): the crops' draws differ between processes,
+    yet each stage's new modules must start alike, so each stage's CKA must equal one process's on the same
+    global batch. (Stages only: with fine-tuning or in the final training BatchNorm normalizes each process's half.)"""
+    make_image_folder(tmp_path / "data", ["a", "b"], per_class=8)
+    args = [*FAST, "--data_dir=data", "--batch_size=4", "--align_steps=2", "--finetune_steps=0", "--epochs=1",
+            "--workers=0", "--decode=cpu"]
+    proc = run([*args, "--out_dir=ddp"], cwd=tmp_path, launcher=TORCHRUN_2)
+    monkeypatch.chdir(tmp_path)
+    resnet18_to_mlp.main([*args, "--out_dir=one"])
+    two, one = read_results(tmp_path / "ddp"), read_results(tmp_path / "one")
+    # Two processes of 2 images make the same global batch of 4: one epoch is the same 4 steps.
+    assert one["grad_steps"] == 20 * 2 + 16 // 4 and len(one["stages"]) == 20
+    # CKA alone, within 1e-2: after each alignment BatchNorm's statistics are re-estimated in train mode, each
+    # process's layers normalizing its half, so later stages see slightly other inputs (measured: CKA within 1.6e-3 by
+    # stage 11) and the near-chance hybrid's top-1 moves by whole images (100 against 75 of 16).
+    assert_stages_agree(two, one, cka_tolerance=1e-2)
     assert proc.stdout.count("final top1") == 1  # rank 0 alone logs
     assert len(resnet18_to_mlp.load_target(str(tmp_path / "ddp" / "target.pt")).state_dict()) > 0
 
 
 def test_resume_after_kill_gives_the_same_weights(tmp_path, runs):
     out_dir = tmp_path / "killed"
-    args = [*FAST, f"--out_dir={out_dir}", "--ckpt_interval=3"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "resnet18_to_mlp.py"), *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill it in the middle of the schedule, once a few stages are done.
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if len(read_results(out_dir)["stages"]) >= 4:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = [*LEARNED["resnet18_to_mlp forward"].args, f"--out_dir={out_dir}", "--log_interval=1", "--ckpt_interval=1"]
+    saved = kill_mid_phase("resnet18_to_mlp.py", args, tmp_path, out_dir, [
+        f"stage {i} align step 2/4" for i in (5, 9, 13)])
     assert not os.path.exists(out_dir / "target.pt")
-    run([*args, "--resume=True"], cwd=tmp_path)
+    # Phases 2(i - 1) and 2(i - 1) + 1 are stage i's alignment (4 steps) and fine-tuning (2 steps).
+    stage, kind, done_before = saved["phase"] // 2 + 1, ("align", "finetune")[saved["phase"] % 2], saved["run"][0]
+    assert 0 < stage < 20 and done_before == (stage - 1) * 6 + 4 * (kind == "finetune") + saved["step"]
+    log = run([*args, "--resume=True"], cwd=tmp_path).stdout
+    # It says where it resumed, and took exactly the steps left: the rest of that phase first, no earlier phase.
+    assert f"resuming {out_dir / 'ckpt.pt'} at phase {saved['phase']} step {saved['step']}" in log
+    steps = steps_logged(log)
+    assert steps[0] == (f"stage {stage} {kind}", saved["step"] + 1)
+    assert len(steps) == 20 * 6 + 3 * STEPS_PER_EPOCH - done_before
+    assert not any(name.startswith(f"stage {k} ") for name, _ in steps for k in range(1, stage))
     resumed = torch.load(out_dir / "target.pt")["model"]
     reference = torch.load(os.path.join(runs["forward"][0], "target.pt"))["model"]
     assert resumed.keys() == reference.keys()
@@ -213,6 +220,7 @@ def test_guide_from_a_path(tmp_path):
 
 
 def make_image_folder(root, classes, per_class=4, size=40):
+    """PNGs of size x size + 3j pixels (photographs differ in size), each class its own brightness."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
@@ -221,7 +229,7 @@ def make_image_folder(root, classes, per_class=4, size=40):
             folder = root / split / name
             folder.mkdir(parents=True)
             for j in range(per_class):
-                pixels = (torch.rand(size, size, 3, generator=g) * 60 + 80 * i).clamp(0, 255).byte().numpy()
+                pixels = (torch.rand(size, size + 3 * j, 3, generator=g) * 60 + 80 * i).clamp(0, 255).byte().numpy()
                 Image.fromarray(pixels).save(folder / f"{j}.png")
 
 
@@ -245,11 +253,15 @@ def test_image_folder_checks(tmp_path):
         common.check_image_folders(str(tmp_path / "noval"))
 
 
-def test_run_on_an_image_folder(tmp_path, monkeypatch):
+# A run's shortest whole form, for the switches of what it computes.
+MINIMAL = ["--preset=tiny", "--device=cpu", "--align_steps=2", "--finetune_steps=1", "--epochs=1",
+           "--bn_recal_batches=1", "--synthetic_train=256", "--synthetic_val=32"]
+STAGES = 20
+
+
+@pytest.mark.parametrize("flag, measure", [("--similarity=dmnn", "dmnn"), ("--similarity=rsa", "rsa"),
+                                           ("--calibrate=linear", "cka")])
+def test_the_other_similarities_and_linear_calibration_run_end_to_end(tmp_path, monkeypatch, capsys, flag, measure):
     monkeypatch.chdir(tmp_path)
-    make_image_folder(tmp_path / "data", ["a", "b"], per_class=8)
-    resnet18_to_mlp.main([*FAST, "--data_dir=data", "--batch_size=4", "--align_steps=1", "--finetune_steps=0",
-                          "--out_dir=out"])
-    res = read_results(tmp_path / "out")
-    assert res["grad_steps"] == 20 * 1 + 16 // 4 and len(res["stages"]) == 20
-    assert res["metric"]["value"] in (0.0, 12.5, 25.0, 37.5, 50.0, 62.5, 75.0, 87.5, 100.0)  # k of 8 images
+    resnet18_to_mlp.main([*MINIMAL, flag, "--out_dir=out"])
+    assert_other_similarity_run(tmp_path / "out", capsys.readouterr().out, flag, measure, STAGES)

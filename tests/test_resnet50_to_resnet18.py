@@ -10,10 +10,10 @@ import torchvision
 
 import common
 import resnet50_to_resnet18 as script
-from runs import TORCHRUN_2, read_results, run_script
+from learning import LEARNED
+from runs import TORCHRUN_2, assert_stages_agree, read_results, run_script
 
-FAST = ["--preset=tiny", "--device=cpu", "--align_steps=3", "--finetune_steps=1", "--epochs=1", "--bn_recal_batches=2",
-        "--synthetic_train=512", "--synthetic_val=64"]
+FAST = LEARNED["resnet50_to_resnet18 not"].args  # learning.py's runs: 5 stages x (3 + 1) steps, then 512 / 32
 STEPS = 5 * (3 + 1) + 512 // 32
 
 
@@ -63,9 +63,8 @@ def runs(tmp_path_factory):
     """Every arm, run in this process (the command line is tested below, with two processes)."""
     tmp = tmp_path_factory.mktemp("runs")
     out = {}
-    for name, extra in [("not", []), ("reverse", ["--order=reverse"]), ("naive", ["--method=naive"]),
-                        ("scratch", ["--method=scratch"]), ("guide", ["--method=guide"])]:
-        script.main([*FAST, f"--out_dir={tmp / name}", *extra])
+    for name in ("not", "reverse", "naive", "scratch", "guide"):
+        script.main([*LEARNED[f"resnet50_to_resnet18 {name}"].args, f"--out_dir={tmp / name}"])
         out[name] = str(tmp / name)
     return out
 
@@ -73,8 +72,9 @@ def runs(tmp_path_factory):
 def test_all_arms_take_the_same_number_of_steps(runs):
     for name in ("not", "reverse", "naive", "scratch", "guide"):
         res = read_results(runs[name])
-        assert res["status"] == "done" and res["grad_steps"] == STEPS, name
-        assert res["metric"]["value"] > 30, name  # chance is 10%
+        epochs = 3 if name == "guide" else 1  # a ResNet-50 from scratch learns slower: learning.py gives it 3
+        assert res["status"] == "done" and res["grad_steps"] == STEPS + (epochs - 1) * 512 // 32, name
+        LEARNED[f"resnet50_to_resnet18 {name}"].check(res)  # chance is 10%
     assert [s["replaced"] for s in read_results(runs["not"])["stages"]] == [
         ["conv1", "bn1", "layer1"], ["layer2"], ["layer3"], ["layer4"], ["fc"]]
     assert [list(s["cka"]) for s in read_results(runs["reverse"])["stages"]] == [
@@ -94,25 +94,36 @@ def test_method_guide_trains_a_resnet50_that_guide_reads(runs):
 
 
 def test_target_is_the_model_the_run_ended_with(runs):
-    for name in ("not", "reverse"):
+    _, val = common.synthetic_images(512, 64, 10, 32, seed=0)
+    images, labels = val.tensors
+    for name in ("not", "reverse", "naive", "scratch"):
         target = script.load_target(os.path.join(runs[name], "target.pt"))
         assert type(target) is torchvision.models.ResNet and not any(
             isinstance(m, torchvision.models.resnet.Bottleneck) for m in target.modules())
-        # Rebuild the run's final hybrid from its last checkpoint and compare outputs.
-        hybrid = script.load_guide("random", num_classes=10)
-        for stage in script.make_stages(hybrid, SimpleNamespace(order="forward" if name == "not" else "reverse")):
-            stage.swap(hybrid)
-        hybrid.load_state_dict(torch.load(os.path.join(runs[name], "ckpt.pt"))["model"])
-        x = torch.randn(4, 3, 32, 32)
-        torch.testing.assert_close(target(x), hybrid.eval()(x))
+        # Its top-1, recomputed from target.pt alone on the generated validation set, is the one the run reported.
+        with torch.no_grad():
+            top1 = 100.0 * (target(images).argmax(1) == labels).float().mean().item()
+        assert top1 == pytest.approx(read_results(runs[name])["metric"]["value"], abs=1e-6), name
 
 
-def test_torchrun_two_processes(tmp_path):
-    run([*FAST, "--epochs=1", "--out_dir=ddp"], cwd=tmp_path, launcher=TORCHRUN_2)
-    res = read_results(tmp_path / "ddp")
-    assert res["status"] == "done" and res["grad_steps"] == STEPS and len(res["stages"]) == 5
+def test_torchrun_two_processes_align_as_one(tmp_path, monkeypatch):
+    """Stages only, without fine-tuning: BatchNorm inside the new ResNet-18 stages normalizes each process's half of
+    the batch in alignment, as DDP without SyncBatchNorm does (torchvision's reference default), so each process
+    aligns on other statistics than one process does; they are then re-estimated over both halves."""
+    args = [*FAST, "--finetune_steps=0"]
+    run([*args, "--out_dir=ddp"], cwd=tmp_path, launcher=TORCHRUN_2)
+    monkeypatch.chdir(tmp_path)
+    script.main([*args, "--out_dir=one"])
+    two = read_results(tmp_path / "ddp")
+    assert two["status"] == "done" and len(two["stages"]) == 5
     torchvision.models.resnet18(num_classes=10).load_state_dict(
         torch.load(tmp_path / "ddp" / "target.pt")["model"], strict=True)
+    # The difference grows stage by stage (measured: 8e-4 at stage 1, then up to 0.033 at stage 5 with two threads
+    # and 0.10 with one), and the near-chance hybrid's top-1 moves by whole images (6.25 against 14.06 of 64): so
+    # stage 1's CKA alone, within 1e-2. That every stage's new modules start alike on both processes is checked in
+    # the run itself (common.check_replicas; tests/test_ranks.py).
+    first = lambda res: dict(res, stages=res["stages"][:1])  # noqa: E731
+    assert_stages_agree(first(two), first(read_results(tmp_path / "one")), cka_tolerance=1e-2)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -129,3 +140,30 @@ def test_bad_input_stops_with_a_message_and_writes_nothing(tmp_path, monkeypatch
         script.main([*FAST, "--out_dir=out", *args])
     assert message in str(err.value.code) and str(err.value.code).startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_is_decided_before_any_alignment(tmp_path, monkeypatch, capsys):
+    """Its ResNet-18 stages end in BatchNorm, not a Linear: --calibrate=auto with --finetune_steps=0 calibrates only
+    the classifier, and --calibrate=on stops the run before the first alignment step, naming the module."""
+    monkeypatch.chdir(tmp_path)
+    for fit in ("on", "linear"):  # and a map over channels: ResNet-18's stages are narrower than ResNet-50's
+        with pytest.raises(SystemExit, match="--calibrate: 'layer1.0' has no Linear to fold a map into"):
+            script.main([*FAST, f"--out_dir={fit}", "--finetune_steps=0", f"--calibrate={fit}"])
+        assert "align step" not in capsys.readouterr().out and not (tmp_path / fit / "ckpt.pt").exists()
+    script.main([*FAST, "--out_dir=auto", "--finetune_steps=0", "--align_steps=1", "--epochs=1"])
+    assert [s.get("calibrated") for s in read_results(tmp_path / "auto")["stages"]] == [None] * 4 + ["on"]
+
+
+# A run's shortest whole form, for the switches of what it computes.
+MINIMAL = ["--preset=tiny", "--device=cpu", "--align_steps=2", "--finetune_steps=1", "--epochs=1",
+           "--bn_recal_batches=1", "--synthetic_train=256", "--synthetic_val=32"]
+
+
+@pytest.mark.parametrize("measure", ["dmnn", "rsa"])
+def test_the_other_similarities_run_end_to_end(tmp_path, monkeypatch, capsys, measure):
+    monkeypatch.chdir(tmp_path)
+    script.main([*MINIMAL, f"--similarity={measure}", "--out_dir=out"])
+    log, res = capsys.readouterr().out, read_results(tmp_path / "out")
+    assert res["status"] == "done" and [list(s[measure]) for s in res["stages"]] == [
+        ["layer1"], ["layer2"], ["layer3"], ["layer4"], ["fc"]]
+    assert f"| {measure} " in log and ("| mutual_knn " in log) == (measure == "dmnn")

@@ -41,3 +41,33 @@ def test_an_abort_before_returning_fails(tmp_path):
     with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
         spawn_two(abort_while_working_once, (str(tmp_path),), str(tmp_path))
     assert runs_of(tmp_path, 1) == 1
+
+
+FAILING_AT_EXIT = '''import json, os, sys
+# Under torchrun: process 0 writes results.json with the status given, then every process fails with the message
+# of gloo's abort at exit, on the first attempt only.
+out_dir, status = sys.argv[1].split("=", 1)[1], sys.argv[2]
+attempts = os.path.join(os.path.dirname(out_dir), f"attempts-{os.environ['RANK']}")
+with open(attempts, "a") as f:
+    f.write("x")
+if os.environ["RANK"] == "0":
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"status": status}, f)
+if os.path.getsize(attempts) == 1:
+    sys.exit("terminate called without an active exception")
+'''
+
+
+def test_a_torchrun_run_is_rerun_only_when_it_had_finished(tmp_path):
+    import runs
+
+    script = tmp_path / "fails_at_exit.py"
+    script.write_text(FAILING_AT_EXIT)
+    for status, reruns in (("done", True), ("running", False)):
+        folder = tmp_path / status
+        folder.mkdir()
+        proc = runs.run_script(str(script), [f"--out_dir={folder / 'out'}", status], folder, launcher=runs.TORCHRUN_2,
+                               check=False)
+        assert (proc.returncode == 0) == reruns
+        assert os.path.getsize(folder / "attempts-0") == (2 if reruns else 1)

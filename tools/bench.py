@@ -358,8 +358,7 @@ def stage_times(bench, conv):
     """Items 2 and 3: each stage's median alignment step and fine-tuning step (a task step of the whole hybrid), one
     training step of the guide, and one of the target (the hybrid after the last stage)."""
     guide = conv.guide.eval().requires_grad_(False)
-    align_cfg = SimpleNamespace(dtype=bench.dtype, cka_unbiased=conv.cfg.cka_unbiased, cka_scope="local",
-                                grad_clip=conv.cfg.grad_clip)
+    align_cfg = SimpleNamespace(**{**vars(conv.cfg), "dtype": bench.dtype, "similarity_scope": "local"})
     hybrid, align, finetune = copy.deepcopy(guide), [], []
     for stage in conv.stages:
         stage.swap(hybrid)
@@ -405,17 +404,22 @@ def mlp_params(rank, image_size=224):
 
 
 IMAGENET_TRAIN = 1281167  # ILSVRC-2012 training images
+# Wikitext-103's training split in GPT-2 tokens: its 103,227,021 words times 1.209 tokens a word, GPT-2's BPE on the
+# Wikitext-2 text in shared/data (258,659 tokens of 213,886 words); not tokenized here (no Wikitext-103 offline).
+WIKITEXT103_TRAIN_TOKENS = round(103_227_021 * 1.209)
 
 
 def table1_cost(name, align, finetune, target):
     """Item 6: one arm's wall time on 8 GPUs (each doing one GPU's share, the bench batch), from the measured step
     times and the script's own defaults: each stage's alignment and fine-tuning steps, then the final training
-    (100 epochs of ImageNet at batch 256, or GPT-2's train_steps); the naive arm (and scratch) trains the target
-    for as many steps. The 5-seed grid: 5 x (NoT trained, NoT untrained, naive). Evaluations are left out."""
+    (100 epochs of ImageNet, or of Wikitext-103's tokens for GPT-2, at batch 256); the naive arm (and scratch) trains
+    the target for as many steps. The 5-seed grid: 5 x (NoT trained, NoT untrained, naive). Evaluations are left out."""
     script = {"resnet18_to_mlp": resnet18_to_mlp, "dinov2_to_patchmlp": dinov2_to_patchmlp, "gpt2_to_rnn": gpt2_to_rnn,
               "resnet50_to_resnet18": resnet50_to_resnet18}[name]
     cfg = common.configure(script.SETTINGS, [])
-    train_steps = getattr(cfg, "train_steps", 0) or cfg.epochs * (IMAGENET_TRAIN // cfg.batch_size)
+    per_epoch = (WIKITEXT103_TRAIN_TOKENS // (cfg.batch_size * cfg.seq_len) if name == "gpt2_to_rnn" else
+                 IMAGENET_TRAIN // cfg.batch_size)
+    train_steps = getattr(cfg, "train_steps", 0) or cfg.epochs * per_epoch
     stage_s = sum(cfg.align_steps * a + cfg.finetune_steps * f for a, f in zip(align, finetune))
     not_s = stage_s + train_steps * target
     naive_s = (len(align) * (cfg.align_steps + cfg.finetune_steps) + train_steps) * target

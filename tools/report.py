@@ -4,11 +4,13 @@ Table 1 and Figure 1 from run folders.
     python tools/report.py RUN_DIR... [--out=DIR] [--select=final|best]
 
 Reads each folder's results.json (any written by these scripts, old or new), averages runs that differ only in
-the seed, and prints Table 1's layout: the guide, NoT and the naive baseline with trained and untrained guides,
-`scratch` where present, each cell `mean ± standard error (n=seeds)`, and NoT's differences from each baseline
-paired by seed. Writes table.md, table.csv, stages.md (Figure 1 as numbers: each stage's CKA and metric over the
-seeds, and its lowest seed as a share of that seed's guide) and, per conversion, figure1-<script>.png (drawn with
-Pillow, which torchvision brings: matplotlib is not among the project's packages).
+the seed, and prints Table 1's layout: the similarity NoT aligned with (the paper's "Similarity Metric" column), the
+guide, NoT and the naive baseline with trained and untrained guides, `scratch` where present, each cell
+`mean ± standard error (n=seeds)`, and NoT's differences from each baseline paired by seed. Writes table.md,
+table.csv, stages.md (Figure 1 as numbers: each stage's similarity and metric over the seeds, and its lowest seed as
+a share of that seed's guide) and, per conversion, figure1-<script>.png and .pdf: the metric after each stage, mean
+over seeds with a standard-error band, one curve per order, guide and similarity, the baselines as lines. Figures
+need matplotlib (a dependency of tools/ alone: README's install line has it; the scripts do not).
 """
 import json
 import math
@@ -22,6 +24,17 @@ import common  # noqa: E402
 # Settings that never make two runs incomparable: the seed, where files go, how often the run logs or evaluates.
 _NOT_COMPARED = common.RESUMABLE | {"seed", "out_dir", "eval_interval", "eval_only", "preset", "guide", "method",
                                      "eval_guide"}
+# What sets Figure 1's curves apart within one figure: the order, the similarity (with its own settings), and
+# what is done with the aligned module (its calibration; GPT-2's mixer output), named in a curve's label when it is
+# not the default shown here.
+_CURVES = {"order", "similarity", "similarity_scope", "cka_unbiased", "mnn_k", "mnn_temperature", "calibrate",
+           "rnn_output"}
+_LABELLED = {"calibrate": "auto", "rnn_output": "linear"}
+SIMILARITY_NAMES = {"cka": "linear CKA", "dmnn": "D-MNN", "rsa": "RSA"}
+
+
+def similarity_of(run):
+    return run["config"].get("similarity", "cka")  # results.json files older than the setting aligned by CKA
 # Table 1's columns after "Guide": (method, trained guide? (None: no guide)) and their headings.
 _COLUMNS = [(("not", True), "NoT (trained)"), (("not", False), "NoT (untrained)"),
             (("naive", True), "Naive (trained)"), (("naive", False), "Naive (untrained)"),
@@ -125,6 +138,7 @@ def table_rows(runs, select="final"):
     for (script, compared), members in sorted(groups.items()):
         mine = json.loads(compared)
         row = {"script": script, "metric": members[0]["metric"]["name"], "runs": members,
+               "similarity": SIMILARITY_NAMES[similarity_of(members[0])],
                "settings": _settings(mine, [json.loads(c) for s, c in groups if s == script])}
         trained = {r["config"]["seed"]: r["guide_metric"] for r in members  # one per seed: arms share the guide
                    if r["config"]["guide"] != "random" and r["guide_metric"] is not None}
@@ -166,18 +180,18 @@ def report(run_dirs, out_dir=".", select="final", say=print):
     rows = table_rows(runs, select)
     order = [h for _, h in _COLUMNS] + _PAIRED
     headings = ["Guide"] + sorted({h for h in order if any(h in r for r in rows)}, key=order.index)
-    lines = ["| conversion | metric | settings | " + " | ".join(headings) + " |",
-             "|" + "---|" * (3 + len(headings))]
-    csv = ["conversion,metric,settings,column,mean,standard_error,seeds"]
+    lines = ["| conversion | metric | similarity | settings | " + " | ".join(headings) + " |",
+             "|" + "---|" * (4 + len(headings))]
+    csv = ["conversion,metric,similarity,settings,column,mean,standard_error,seeds"]
     for row in rows:
         cells = [row["guide"]] + [row.get(h) for h in headings[1:]]
-        lines.append(f"| {row['script']} | {row['metric']} | {row['settings']} | "
+        lines.append(f"| {row['script']} | {row['metric']} | {row['similarity']} | {row['settings']} | "
                      + " | ".join(_fmt(c) for c in cells) + " |")
         for heading, cell in zip(headings, cells):
             if cell is not None:
                 se = "" if cell[1] is None else f"{cell[1]:.10g}"
-                csv.append(f"{row['script']},{row['metric']},\"{row['settings']}\",{heading},{cell[0]:.10g},{se},"
-                           f"{cell[2]}")
+                csv.append(f"{row['script']},{row['metric']},{row['similarity']},\"{row['settings']}\",{heading},"
+                           f"{cell[0]:.10g},{se},{cell[2]}")
     os.makedirs(out_dir, exist_ok=True)
     table = "\n".join(lines) + "\n"
     say(table)
@@ -189,18 +203,18 @@ def report(run_dirs, out_dir=".", select="final", say=print):
         with common.atomic_path(os.path.join(out_dir, "stages.md")) as tmp, open(tmp, "w") as f:
             f.write(stages)
         say(f"wrote {os.path.join(out_dir, 'stages.md')}")
-    # One figure per conversion and setting, forward and reverse order together.
-    figures = _group(runs, _NOT_COMPARED | {"order"})
+    # One figure per conversion and setting, both orders and every similarity together.
+    figures = _group(runs, _NOT_COMPARED | _CURVES)
     for i, ((script, _), members) in enumerate(sorted(figures.items())):
         several = sum(s == script for s, _ in figures) > 1
         path = os.path.join(out_dir, f"figure1-{os.path.splitext(script)[0]}" + (f"-{i}" if several else "") + ".png")
         if plot_stages(members, path):
-            say(f"wrote {path}")
+            say(f"wrote {path} and its .pdf")
 
 
 def stage_tables(runs):
     """stages.md: per conversion, setting and guide (trained or not), one row per stage of the NoT runs: the mean
-    CKA at the end of its alignment (over the places it compares), the metric before and after its fine-tuning
+    similarity at the end of its alignment (over the places it compares), the metric before and after its fine-tuning
     (mean ± standard error over seeds), the lowest seed's metric, and that as a share of the seed's own guide
     (for a lower-is-better metric, guide / metric; left empty for an untrained guide)."""
     groups = {}
@@ -214,121 +228,99 @@ def stage_tables(runs):
         name = members[0]["metric"]["name"]
         lower = members[0]["metric"].get("lower_is_better", name != "top1")
         settings = _settings(json.loads(compared), [json.loads(c) for s, c, _ in groups if s == script], {"order"})
+        measure = similarity_of(members[0])
         out += [f"### {script}, {'trained' if trained else 'untrained'} guide ({settings}, seeds "
                 f"{', '.join(str(r['config']['seed']) for r in sorted(members, key=lambda r: r['config']['seed']))})",
-                "", f"| stage | replaced | CKA | {name} before fine-tuning | {name} | lowest seed "
-                "| lowest, % of guide |",
+                "", f"| stage | replaced | {SIMILARITY_NAMES[measure]} | {name} before fine-tuning | {name} | "
+                "lowest seed | lowest, % of guide |",
                 "|---|---|---|---|---|---|---|"]
         for k in range(max(len(r["stages"]) for r in members)):
             done = [r for r in members if len(r["stages"]) > k and name in r["stages"][k]]
             if not done:
                 continue
             stages = [r["stages"][k] for r in done]
-            cka = _mean_se([sum(s["cka"].values()) / len(s["cka"]) for s in stages if s.get("cka")])
+            aligned = _mean_se([sum(s[measure].values()) / len(s[measure]) for s in stages if s.get(measure)])
             before = _mean_se([s[f"{name}_before_finetune"] for s in stages if f"{name}_before_finetune" in s])
             worst_run = (max if lower else min)(done, key=lambda r: r["stages"][k][name])
             worst, guide = worst_run["stages"][k][name], worst_run["guide_metric"]
             share = ("" if not trained or not guide or not worst
                      else f"{100 * (guide / worst if lower else worst / guide):.1f}")
-            cka_cell = "" if cka is None else f"{cka[0]:.3f}"
-            out.append(f"| {k + 1} | {', '.join(stages[0].get('replaced', []))} | {cka_cell} | {_fmt(before)} | "
+            aligned = "" if aligned is None else f"{aligned[0]:.3f}"
+            out.append(f"| {k + 1} | {', '.join(stages[0].get('replaced', []))} | {aligned} | {_fmt(before)} | "
                        f"{_fmt(_mean_se([s[name] for s in stages]))} | {worst:.2f} | {share} |")
         out.append("")
     return "\n".join(out)
 
 
 def stage_curves(runs):
-    """Figure 1's data: {label: [(stage, mean metric over seeds)]} for NoT runs, {label: value} for the baselines.
-
-    Stage 0 is the guide; stage k the hybrid after the k-th stage (after its task fine-tuning); one more
-    point, after the last stage, is the target after its final training.
-    """
+    """Figure 1's data: {label: {stage: [metric of each seed]}} for NoT runs, {label: [final metric of each seed]}
+    for the baselines. Stage 0 is the guide; stage k the hybrid after the k-th stage (after its task fine-tuning);
+    one more point, after the last stage, is the target after its final training."""
     curves, lines = {}, {}
     for run in runs:
         guide = "untrained" if run["config"]["guide"] == "random" else "trained"
         name = run["metric"]["name"]
         if run["config"]["method"] == "not":
-            label = f"NoT {run['config']['order']}, {guide} guide"
+            label = f"NoT {run['config']['order']}, {guide} guide, {SIMILARITY_NAMES[similarity_of(run)]}" + "".join(
+                f", {k}={run['config'][k]}" for k, shown in _LABELLED.items() if run["config"].get(k, shown) != shown)
             points = [(0, run["guide_metric"])] if run["guide_metric"] is not None else []
             points += [(s["stage"], s[name]) for s in run["stages"] if name in s]
             points.append((len(run["stages"]) + 1, run["metric"]["value"]))
-            curves.setdefault(label, []).append(dict(points))
+            for k, value in points:
+                curves.setdefault(label, {}).setdefault(k, []).append(value)
         else:
             method = run["config"]["method"]
             label = "scratch" if method == "scratch" else f"{method}, {guide} guide"
             lines.setdefault(label, []).append(run["metric"]["value"])
-    mean_curves = {}
-    for label, per_seed in curves.items():
-        stages = sorted(set().union(*per_seed))
-        mean_curves[label] = [(k, sum(p[k] for p in per_seed if k in p) / sum(k in p for p in per_seed))
-                              for k in stages]
-    return mean_curves, {label: sum(v) / len(v) for label, v in lines.items()}
+    return curves, lines
 
 
-def plot_stages(runs, path, size=(900, 560)):
-    """Draw Figure 1 (metric after each stage; baselines as dashed lines) as a PNG; False when there is nothing to
-    draw."""
-    from PIL import Image, ImageDraw, ImageFont
+def _band(values):
+    mean, se, _ = _mean_se(values)
+    return mean, se or 0.0
+
+
+def plot_stages(runs, path):
+    """Draw Figure 1 as the paper does, a PNG at path and a PDF beside it: the metric after each stage, each curve
+    the mean over seeds with a band of one standard error, the baselines' final metric as lines with their bands;
+    False when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     curves, lines = stage_curves(runs)
     if not curves:
         return False
-    values = [v for c in curves.values() for _, v in c] + list(lines.values())
+    stages = max(k for c in curves.values() for k in c)
+    values = [v for c in curves.values() for vs in c.values() for v in vs] + [v for vs in lines.values() for v in vs]
     # A log axis for a lower-is-better metric (perplexity) whose values span more than a factor of 10 (an untrained
     # guide's against a trained one's); accuracies stay linear.
     log = runs[0]["metric"].get("lower_is_better", False) and min(values) > 0 and max(values) / min(values) > 10
-    scale = math.log10 if log else float
-    low, high = scale(min(values)), scale(max(values))
-    margin = max(high - low, 1e-6) * 0.05
-    low, high = low - margin, high + margin
-    if not log and min(values) >= 0:
-        low = max(low, 0.0)  # no negative axis for accuracies
-    stages = max(k for c in curves.values() for k, _ in c)
-    left, right, top, bottom = 80, 250, 50, 60
-    width, height = size
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=14)
-
-    def xy(stage, value):
-        x = left + (width - left - right) * stage / max(stages, 1)
-        y = height - bottom - (height - top - bottom) * (scale(value) - low) / (high - low)
-        return x, y
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):
-        tick = low + (high - low) * i / 4
-        value = 10 ** tick if log else tick
-        _, y = xy(0, value)
-        draw.line([left - 5, y, left, y], fill="black")
-        draw.text((5, y - 7), f"{value:.4g}", fill="black", font=font)
-    for k in range(stages + 1):
-        x, _ = xy(k, min(values))
-        draw.line([x, height - bottom, x, height - bottom + 5], fill="black")
-        draw.text((x - 4, height - bottom + 8), "final" if k == stages else str(k), fill="black", font=font)
-    draw.text((left, 15), f"{runs[0]['script']}: {runs[0]['metric']['name']} after each stage (stage 0: the guide)"
-              + (", log scale" if log else ""), fill="black", font=font)
-    draw.text((left + (width - left - right) // 2 - 60, height - 25), "stage (final: after end-to-end training)",
-              fill="black", font=font)
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    legend_y = top
-    for color, (label, points) in zip(palette, sorted(curves.items())):
-        draw.line([xy(k, v) for k, v in points], fill=color, width=3)
-        for k, v in points:
-            x, y = xy(k, v)
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.line([width - right + 15, legend_y + 8, width - right + 40, legend_y + 8], fill=color, width=3)
-        draw.text((width - right + 45, legend_y), label, fill="black", font=font)
-        legend_y += 22
-    for color, (label, value) in zip(palette[len(curves):] + palette, sorted(lines.items())):
-        _, y = xy(0, value)
-        for x in range(left, width - right, 16):
-            draw.line([x, y, min(x + 8, width - right), y], fill=color, width=2)
-        draw.line([width - right + 15, legend_y + 8, width - right + 40, legend_y + 8], fill=color, width=2)
-        draw.text((width - right + 45, legend_y), label + " (final)", fill="black", font=font)
-        legend_y += 22
-    with common.atomic_path(path) as tmp:
-        image.save(tmp, "PNG")
+    figure, axes = plt.subplots(figsize=(8, 4.8), layout="constrained")
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
+    for label, points in sorted(curves.items()):
+        color, ks = next(colors), sorted(points)
+        mean, se = zip(*(_band(points[k]) for k in ks))
+        axes.plot(ks, mean, "o-", color=color, label=f"{label} ({max(len(v) for v in points.values())} seeds)")
+        axes.fill_between(ks, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)], color=color,
+                          alpha=0.2, linewidth=0)
+    for label, finals in sorted(lines.items()):
+        color, (mean, se) = next(colors), _band(finals)
+        axes.axhline(mean, color=color, linestyle="--", label=f"{label}, final ({len(finals)} seeds)")
+        axes.axhspan(mean - se, mean + se, color=color, alpha=0.15, linewidth=0)
+    if log:
+        axes.set_yscale("log")
+    axes.set_xticks(range(stages + 1), [str(k) for k in range(stages)] + ["final"])
+    axes.set_xlabel("stage (0: the guide; final: after end-to-end training)")
+    axes.set_ylabel(runs[0]["metric"]["name"] + (" (log scale)" if log else ""))
+    axes.set_title(f"{runs[0]['script']}: {runs[0]['metric']['name']} after each stage, mean ± standard error")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    for suffix in (".png", ".pdf"):
+        with common.atomic_path(os.path.splitext(path)[0] + suffix) as tmp:
+            figure.savefig(tmp, dpi=120, format=suffix[1:])
+    plt.close(figure)
     return True
 
 

@@ -29,17 +29,24 @@ OWN_BUDGET = ["--method=guide", "--align_steps=0", "--finetune_steps=0"]
 STUDIES = {
     "resnet18_to_mlp": dict(guide=[*OWN_BUDGET, "--epochs=20"], guide_file="guide.pt", arms={
         "not-trained": ["--guide={guide}"], "not-trained-reverse": ["--guide={guide}", "--order=reverse"],
-        "not-untrained": [], "naive": ["--method=naive"]}),
+        "not-untrained": [], "naive": ["--method=naive"],
+        "not-trained-dmnn": ["--guide={guide}", "--similarity=dmnn"]}),  # Figure 1's second similarity
     "dinov2_to_patchmlp": dict(guide=[*OWN_BUDGET, "--epochs=40"], guide_file="guide.pt", arms={
         "not-trained": ["--guide={guide}"], "not-trained-reverse": ["--guide={guide}", "--order=reverse"],
         "not-untrained": [], "naive": ["--method=naive"],
+        # the least-squares map of each aligned mixer's output onto the guide's, folded into it (rotation too)
+        "not-trained-linear": ["--guide={guide}", "--calibrate=linear"],
         # ablations, not arms of Table 1: ten times the alignment, for the ceiling of a token-wise MLP's CKA; and
         # every attention replaced at once in the trained guide, for what the guide's kept parts give without CKA
         "ablation-align400": ["--guide={guide}", "--align_steps=400"],
         "ablation-naive-trained": ["--guide={guide}", "--method=naive"]}),
     "gpt2_to_rnn": dict(guide=[*OWN_BUDGET, "--train_steps=8000", "--lr=1e-3", "--warmup_steps=200"],
                         guide_file="pytorch_model.bin", arms={
-        "not-trained": ["--guide={guide}"], "not-untrained": [], "naive": ["--method=naive"]}),
+        "not-trained": ["--guide={guide}"], "not-untrained": [], "naive": ["--method=naive"],
+        # the mixer's output layer and what CKA leaves free: the least-squares map folded into it after each
+        # alignment; the mixer without an output layer (as before it had one)
+        "not-trained-linear": ["--guide={guide}", "--calibrate=linear"],
+        "not-trained-none": ["--guide={guide}", "--rnn_output=none"]}),
     "resnet50_to_resnet18": dict(guide=[*OWN_BUDGET, "--epochs=20"], guide_file="guide.pt", arms={
         "not-trained": ["--guide={guide}"], "not-untrained": [], "scratch": ["--method=scratch"]}),
 }
