@@ -48,7 +48,10 @@ STUDIES = {
         "not-trained-linear": ["--guide={guide}", "--calibrate=linear"],
         "not-trained-none": ["--guide={guide}", "--rnn_output=none"]}),
     "resnet50_to_resnet18": dict(guide=[*OWN_BUDGET, "--epochs=20"], guide_file="guide.pt", arms={
-        "not-trained": ["--guide={guide}"], "not-untrained": [], "scratch": ["--method=scratch"]}),
+        "not-trained": ["--guide={guide}"], "not-untrained": [], "scratch": ["--method=scratch"],
+        # an ablation, not an arm of Table 1: a plain ResNet-18 given only NoT's final-training steps, for what
+        # NoT's stages give for the steps they take from the final training
+        "ablation-scratch-short": ["--method=scratch", "--align_steps=0", "--finetune_steps=0"]}),
 }
 
 # -----------------------------------------------------------------------------
