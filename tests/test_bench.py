@@ -14,7 +14,7 @@ import bench
 import common
 import gpt2_to_rnn
 import resnet18_to_mlp
-from runs import run_script
+from runs import run_main
 
 SCRIPTS = ("resnet18_to_mlp", "dinov2_to_patchmlp", "gpt2_to_rnn", "resnet50_to_resnet18")
 
@@ -22,10 +22,9 @@ SCRIPTS = ("resnet18_to_mlp", "dinov2_to_patchmlp", "gpt2_to_rnn", "resnet50_to_
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
-    proc = run_script("tools/bench.py", ["--size=tiny", "--repeats=1", "--warmup=0", f"--out={tmp / 'b.json'}"],
-                      cwd=tmp)
+    log = run_main(bench, ["--size=tiny", "--repeats=1", "--warmup=0", f"--out={tmp / 'b.json'}"], tmp)
     with open(tmp / "b.json") as f:
-        return json.load(f), proc.stdout
+        return json.load(f), log
 
 
 def conv_shapes(model, size):

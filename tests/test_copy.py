@@ -3,13 +3,12 @@ beside the original's imports, run on its tiny preset, its target loaded back an
 import difflib
 import importlib.util
 import os
-import sys
 
 import torch
 import torch.nn as nn
 
 from learning import LEARNED
-from runs import ROOT, read_results
+from runs import ROOT, read_results, run_main
 
 
 def copy_with(tmp_path, script, name, edits):
@@ -28,13 +27,9 @@ def copy_with(tmp_path, script, name, edits):
 
 
 def run_copy(path, args, cwd):
-    import subprocess
-
-    env = dict(os.environ, PYTHONPATH=ROOT)  # the copy imports common, as it would beside the original
-    proc = subprocess.run([sys.executable, str(path), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    """The copy's main(args) in cwd, in this process (which imports common as the copy would beside the
+    original); returns its log."""
+    return run_main(load_module(path), args, cwd)
 
 
 def load_module(path):

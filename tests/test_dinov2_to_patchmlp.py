@@ -13,7 +13,7 @@ import torch
 import common
 import dinov2_to_patchmlp as script
 from learning import LEARNED
-from runs import TORCHRUN_2, assert_other_similarity_run, assert_stages_agree, read_results, run_script
+from runs import TORCHRUN_2, assert_other_similarity_run, assert_stages_agree, read_results, run_main, run_script
 
 # learning.py's runs: the tiny preset (4 blocks, 128 wide, 8 x 8 patches of 32 x 32 images) with fewer steps and
 # images, 4 stages x (4 + 2) steps, then one epoch of 1024 / 32 = 32 steps.
@@ -32,8 +32,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     out = {}
     for name in ("not", "naive"):
-        proc = run([*LEARNED[f"dinov2_to_patchmlp {name}"].args, f"--out_dir={tmp / name}"], cwd=tmp)
-        out[name] = (str(tmp / name), proc.stdout)
+        log = run_main(script, [*LEARNED[f"dinov2_to_patchmlp {name}"].args, f"--out_dir={tmp / name}"], tmp)
+        out[name] = (str(tmp / name), log)
     return out
 
 
@@ -293,8 +293,8 @@ def test_torchrun_two_processes_compute_what_one_does(tmp_path, runs):
 def test_evaluations_do_not_change_what_a_run_computes(tmp_path, runs):
     """The guide's evaluation and validations during the final training read the validation set: no random draw of
     theirs may move the new modules' initialization or the data."""
-    run([*FAST, "--out_dir=quiet", "--eval_guide=False"], cwd=tmp_path)
-    run([*FAST, "--out_dir=busy", "--eval_interval=8"], cwd=tmp_path)
+    run_main(script, [*FAST, "--out_dir=quiet", "--eval_guide=False"], tmp_path)
+    run_main(script, [*FAST, "--out_dir=busy", "--eval_interval=8"], tmp_path)
     reference = torch.load(os.path.join(runs["not"][0], "target.pt"))["model"]
     for name in ("quiet", "busy"):
         weights = torch.load(tmp_path / name / "target.pt")["model"]

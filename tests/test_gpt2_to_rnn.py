@@ -7,7 +7,6 @@ Test-only packages: pytest, transformers (the independent GPT-2), openai-whisper
 import importlib.util
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ import torch.nn as nn
 import common
 import gpt2_to_rnn
 from learning import GPT2_FLAGS as FAST, LEARNED
-from runs import (TORCHRUN_2, assert_other_similarity_run, assert_stages_agree, read_results, run_script, spawn_two,
-                  write_text_folder)
+from runs import (TORCHRUN_2, assert_other_similarity_run, assert_stages_agree, read_results, run_main, run_script,
+                  spawn_two, write_text_folder)
 
 SEQ_LEN = 32
 # learning.py's runs: the tiny preset with fewer, smaller steps, 2 stages x (6 + 2) steps, then 40 steps of final
@@ -67,11 +66,11 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     data = write_text_folder(tmp / "text")
     out = {}
-    for name, entry, launcher in [("not", "not", (sys.executable,)), ("naive", "naive", (sys.executable,)),
-                                  ("ddp", "not", TORCHRUN_2), ("guide", "guide", (sys.executable,))]:
-        args = [a.format(data=data, cache=tmp / "cache") for a in LEARNED[f"gpt2_to_rnn {entry}"].args]
-        proc = run([*args, f"--out_dir={tmp / name}"], cwd=tmp, launcher=launcher)
-        out[name] = (str(tmp / name), proc.stdout)
+    for name, entry in [("not", "not"), ("naive", "naive"), ("ddp", "not"), ("guide", "guide")]:
+        args = [*(a.format(data=data, cache=tmp / "cache") for a in LEARNED[f"gpt2_to_rnn {entry}"].args),
+                f"--out_dir={tmp / name}"]
+        log = run(args, cwd=tmp, launcher=TORCHRUN_2).stdout if name == "ddp" else run_main(gpt2_to_rnn, args, tmp)
+        out[name] = (str(tmp / name), log)
     out["data"] = data
     return out
 

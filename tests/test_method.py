@@ -9,23 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-
-
-class Stream:
-    """A fixed list of batches, as an endless stream with the position checkpoints keep."""
-
-    def __init__(self, batches):
-        self.batches, self.count = batches, 0
-
-    def __next__(self):
-        self.count += 1
-        return self.batches[(self.count - 1) % len(self.batches)]
-
-    def state_dict(self):
-        return {"count": self.count}
-
-    def load_state_dict(self, state):
-        self.count = state["count"]
+from toy import Stream
 
 
 def conv_net():

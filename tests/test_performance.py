@@ -13,6 +13,7 @@ import common
 import gpt2_to_rnn
 import resnet18_to_mlp
 from runs import spawn_two
+from toy import CLASSIFY, Stream, classification_batches
 
 STEPS = 4
 
@@ -24,37 +25,15 @@ def model():
     return nn.Sequential(nn.Linear(6, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
 
 
-class Stream:
-    """Batches of this rank's half of a fixed global batch stream, with the position checkpoints keep."""
-
-    def __init__(self, rank, world=2):
-        g = torch.Generator().manual_seed(1)
-        self.batches = [(torch.randn(8, 6, generator=g), torch.randint(3, (8,), generator=g)) for _ in range(STEPS)]
-        self.rank, self.per_rank, self.count = rank, 8 // world, 0
-
-    def __next__(self):
-        x, y = self.batches[self.count]
-        self.count += 1
-        return x[self.rank * self.per_rank:(self.rank + 1) * self.per_rank], y[self.rank * self.per_rank:
-                                                                                (self.rank + 1) * self.per_rank]
-
-    def state_dict(self):
-        return {"count": self.count}
-
-    def load_state_dict(self, state):
-        self.count = state["count"]
+BATCHES = classification_batches(STEPS)
 
 
-TASK = common.Task(loss=lambda model, b: F.cross_entropy(model(b[0]), b[1]), inputs=lambda b: b[0], evaluate=None,
-                   metric="loss")
-
-
-def phase_run(folder, rank=0, world=1, shard=None, task=TASK, *flags):
+def phase_run(folder, rank=0, world=1, shard=None, task=CLASSIFY, *flags):
     cfg = common.configure({}, [f"--out_dir={folder}", "--batch_size=8", "--ckpt_interval=2", "--log_interval=100",
                                 "--warmup_steps=1", *flags])
     cfg.dtype = "float32"
-    return common.Run(cfg, common.Context(rank, rank, world, torch.device("cpu"), "test.py"), task, Stream(rank, world),
-                      shard=shard)
+    return common.Run(cfg, common.Context(rank, rank, world, torch.device("cpu"), "test.py"), task,
+                      Stream(BATCHES, rank, world), shard=shard)
 
 
 def worker(rank, init_method, runs, folder):
@@ -86,14 +65,14 @@ def phase(rank, shard, resume, folder):
 
     def loss(model, batch):  # counts the steps this run takes
         taken.append(1)
-        return TASK.loss(model, batch)
+        return CLASSIFY.loss(model, batch)
 
     def gather(sharded, opt):  # what the checkpoint gathers on this process
         state = common_gathered_state(sharded, opt)
         gathered.append((len(state[0]), None if state[1] is None else len(state[1].get("state", {}))))
         return state
 
-    task = common.Task(loss=loss, inputs=TASK.inputs, evaluate=None, metric="loss")
+    task = common.Task(loss=loss, inputs=CLASSIFY.inputs, evaluate=None, metric="loss")
     common_gathered_state, common.gathered_state = common.gathered_state, gather
     try:
         run = phase_run(folder, rank, 2, shard_and_record if shard else None, task, f"--resume={resume}")
@@ -135,7 +114,7 @@ def test_sharded_task_phase_trains_like_ddp_and_resumes_exactly(tmp_path):
     assert saved["optimizer"]["state"]["0.weight"]["exp_avg"].shape == (32, 6)
 
 
-def one_process_phase(tmp_path, name, task=TASK, *flags):
+def one_process_phase(tmp_path, name, task=CLASSIFY, *flags):
     hybrid, logs = model(), []
     run = phase_run(tmp_path / name.replace(" ", "-"), 0, 1, None, task, "--ckpt_interval=100", *flags)
     run.log_line = logs.append
@@ -146,9 +125,9 @@ def one_process_phase(tmp_path, name, task=TASK, *flags):
 def test_compile_wraps_the_final_training_only(monkeypatch, tmp_path):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
-    one_process_phase(tmp_path, "stage 1 finetune", TASK, "--compile=True")
-    final, _ = one_process_phase(tmp_path, "train", TASK, "--compile=True")
-    one_process_phase(tmp_path, "train again", TASK)
+    one_process_phase(tmp_path, "stage 1 finetune", CLASSIFY, "--compile=True")
+    final, _ = one_process_phase(tmp_path, "train", CLASSIFY, "--compile=True")
+    one_process_phase(tmp_path, "train again", CLASSIFY)
     assert compiled == [final]
 
 
@@ -162,7 +141,7 @@ def test_peak_flops_of_the_card_in_use(monkeypatch, name, peak):
 
 
 def test_mfu_in_the_log_lines(monkeypatch, tmp_path):
-    task = common.Task(loss=TASK.loss, inputs=TASK.inputs, evaluate=None, metric="loss",
+    task = common.Task(loss=CLASSIFY.loss, inputs=CLASSIFY.inputs, evaluate=None, metric="loss",
                        flops_per_example=lambda m: 1e6)
     _, logs = one_process_phase(tmp_path, "train", task, "--log_interval=1")
     steps = [line for line in logs if " step " in line]
@@ -170,7 +149,7 @@ def test_mfu_in_the_log_lines(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "peak_flops", lambda device: 1e9)
     _, logs = one_process_phase(tmp_path, "train 2", task, "--log_interval=1")
     assert all(re.search(r"\| mfu \d+\.\d% \|", line) for line in logs if " step " in line)
-    _, logs = one_process_phase(tmp_path, "train 3", TASK, "--log_interval=1")  # no FLOPs given, no MFU
+    _, logs = one_process_phase(tmp_path, "train 3", CLASSIFY, "--log_interval=1")  # no FLOPs given, no MFU
     assert not any("mfu" in line for line in logs)
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 import common
 from runs import spawn_two
+from toy import CLASSIFY, Stream, classification_batches
 
 
 def image_folder(root, classes=2, per_class=8, size=(40, 48)):
@@ -191,31 +191,7 @@ def test_process_0_scans_the_folder_for_all(tmp_path):
 # BatchNorm statistics and checkpoints
 
 
-class Stream:
-    """This process's half of fixed global batches, with the position checkpoints keep; stop_at: raise
-    KeyboardInterrupt (a kill) when asked for that batch."""
-
-    def __init__(self, rank=0, world=1, stop_at=None):
-        g = torch.Generator().manual_seed(1)
-        self.batches = [(torch.randn(8, 6, generator=g) + 2, torch.randint(3, (8,), generator=g)) for _ in range(40)]
-        self.rows, self.count, self.stop_at = slice(rank * 8 // world, (rank + 1) * 8 // world), 0, stop_at
-
-    def __next__(self):
-        if self.count == self.stop_at:
-            raise KeyboardInterrupt
-        x, y = self.batches[self.count % len(self.batches)]
-        self.count += 1
-        return x[self.rows], y[self.rows]
-
-    def state_dict(self):
-        return {"count": self.count}
-
-    def load_state_dict(self, state):
-        self.count = state["count"]
-
-
-TASK = common.Task(loss=lambda model, b: F.cross_entropy(model(b[0]), b[1]), inputs=lambda b: b[0], evaluate=None,
-                   metric="loss")
+BATCHES = classification_batches(40, shift=2.0)
 
 
 def make_run(folder, rank=0, world=1, stream=None, *flags):
@@ -224,8 +200,8 @@ def make_run(folder, rank=0, world=1, stream=None, *flags):
     cfg.dtype = "float32"
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
-    return common.Run(cfg, common.Context(rank, rank, world, torch.device("cpu"), "test.py"), TASK,
-                      stream or Stream(rank, world))
+    return common.Run(cfg, common.Context(rank, rank, world, torch.device("cpu"), "test.py"), CLASSIFY,
+                      stream or Stream(BATCHES, rank, world))
 
 
 def bn_net():
@@ -236,7 +212,7 @@ def bn_net():
 def buffers_after_a_task_phase(rank, init_method, folder):
     def work():
         model = bn_net()
-        common.train(model, "train", 3, 1e-2, TASK, make_run(os.path.join(folder, "run"), rank, 2))
+        common.train(model, "train", 3, 1e-2, CLASSIFY, make_run(os.path.join(folder, "run"), rank, 2))
         return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
 
     every = joined(init_method, rank, work)
@@ -254,7 +230,7 @@ def test_batchnorm_statistics_agree_between_processes_after_a_task_phase(tmp_pat
 
 def test_resume_refuses_another_number_of_processes(tmp_path):
     model = bn_net()
-    common.train(model, "train", 2, 1e-2, TASK, make_run(tmp_path / "one"))
+    common.train(model, "train", 2, 1e-2, CLASSIFY, make_run(tmp_path / "one"))
     with pytest.raises(SystemExit, match="was written by 1 process, this run has 2: resume it on 1"):
         make_run(tmp_path / "one", 0, 2, None, "--resume=True")
 
@@ -271,12 +247,12 @@ def test_a_restart_mid_alignment_keeps_the_stages_record(tmp_path):
         common.align(guide, hybrid, stage, 1, run)
         return run.records[0], hybrid
 
-    whole, whole_hybrid = aligned(tmp_path / "whole", Stream())
+    whole, whole_hybrid = aligned(tmp_path / "whole", Stream(BATCHES))
     with pytest.raises(KeyboardInterrupt):  # killed before step 19: the checkpoint is at step 14
-        aligned(tmp_path / "killed", Stream(stop_at=18))
+        aligned(tmp_path / "killed", Stream(BATCHES, stop_at=18))
     saved = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
     assert (saved["phase"], saved["step"], len(saved["trace"])) == (0, 14, 14)
-    resumed, resumed_hybrid = aligned(tmp_path / "killed", Stream(), "--resume=True")
+    resumed, resumed_hybrid = aligned(tmp_path / "killed", Stream(BATCHES), "--resume=True")
     assert [s for s, _ in resumed["cka_curve"]] == [3 * k for k in range(1, 11)]
     assert resumed == whole  # the curve, the stage's CKA (its last ten steps), bit for bit
     assert all(torch.equal(a, b) for a, b in zip(resumed_hybrid.parameters(), whole_hybrid.parameters()))

@@ -1,4 +1,5 @@
-"""resnet18_to_mlp.py end to end on generated images, on CPU, through its command line."""
+"""resnet18_to_mlp.py end to end on generated images, on CPU, through its command line (in a process of its own, or
+main(argv) in this one)."""
 import os
 import shutil
 import urllib.error
@@ -12,7 +13,7 @@ import common
 import resnet18_to_mlp
 from learning import LEARNED
 from runs import (TORCHRUN_2, assert_other_similarity_run, assert_stages_agree, kill_mid_phase, read_results,
-                  run_script, steps_logged)
+                  run_main, run_script, steps_logged)
 
 # learning.py's runs: the tiny preset with fewer steps and images, 20 stages x (4 + 2) steps, then 3 epochs of
 # 512 / 32 = 16 steps.
@@ -27,12 +28,12 @@ def run(args, cwd, **kwargs):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One NoT run in each order and one naive run, shared by the tests below."""
+    """One NoT run in each order and one naive run, shared by the tests below: (out_dir, log)."""
     tmp = tmp_path_factory.mktemp("runs")
     out = {}
     for name in ("forward", "reverse", "naive"):
-        proc = run([*LEARNED[f"resnet18_to_mlp {name}"].args, f"--out_dir={tmp / name}"], cwd=tmp)
-        out[name] = (str(tmp / name), proc.stdout)
+        log = run_main(resnet18_to_mlp, [*LEARNED[f"resnet18_to_mlp {name}"].args, f"--out_dir={tmp / name}"], tmp)
+        out[name] = (str(tmp / name), log)
     return out
 
 
@@ -85,7 +86,7 @@ def test_target_has_no_convolution_and_reproduces_its_accuracy(runs):
 
 def test_method_guide_trains_a_resnet18_that_guide_reads(tmp_path):
     out_dir = tmp_path / "guide"
-    run([*LEARNED["resnet18_to_mlp guide"].args, f"--out_dir={out_dir}"], cwd=tmp_path)
+    resnet18_to_mlp.main([*LEARNED["resnet18_to_mlp guide"].args, f"--out_dir={out_dir}"])
     res = read_results(out_dir)
     # As many steps as a NoT run takes, all of them task steps of a plain ResNet-18.
     assert res["grad_steps"] == 20 * (1 + 1) + STEPS_PER_EPOCH and res["stages"] == []
@@ -126,13 +127,14 @@ def test_torchrun_two_processes_align_as_one_on_an_image_folder(tmp_path, monkey
 
 def test_resume_after_kill_gives_the_same_weights(tmp_path, runs):
     out_dir = tmp_path / "killed"
-    args = [*LEARNED["resnet18_to_mlp forward"].args, f"--out_dir={out_dir}", "--log_interval=1", "--ckpt_interval=1"]
-    saved = kill_mid_phase("resnet18_to_mlp.py", args, tmp_path, out_dir, [
+    args = [*LEARNED["resnet18_to_mlp forward"].args, f"--out_dir={out_dir}", "--log_interval=1"]
+    saved = kill_mid_phase("resnet18_to_mlp.py", [*args, "--ckpt_interval=1"], tmp_path, out_dir, [
         f"stage {i} align step 2/4" for i in (5, 9, 13)])
     assert not os.path.exists(out_dir / "target.pt")
     # Phases 2(i - 1) and 2(i - 1) + 1 are stage i's alignment (4 steps) and fine-tuning (2 steps).
     stage, kind, done_before = saved["phase"] // 2 + 1, ("align", "finetune")[saved["phase"] % 2], saved["run"][0]
     assert 0 < stage < 20 and done_before == (stage - 1) * 6 + 4 * (kind == "finetune") + saved["step"]
+    # Checkpoints at the preset's interval from here (a setting a resumed run may change; each costs 0.1 s).
     log = run([*args, "--resume=True"], cwd=tmp_path).stdout
     # It says where it resumed, and took exactly the steps left: the rest of that phase first, no earlier phase.
     assert f"resuming {out_dir / 'ckpt.pt'} at phase {saved['phase']} step {saved['step']}" in log

@@ -72,7 +72,7 @@ def runs(tmp_path_factory):
 def test_all_arms_take_the_same_number_of_steps(runs):
     for name in ("not", "reverse", "naive", "scratch", "guide"):
         res = read_results(runs[name])
-        epochs = 3 if name == "guide" else 1  # a ResNet-50 from scratch learns slower: learning.py gives it 3
+        epochs = 2 if name == "guide" else 1  # a ResNet-50 from scratch learns slower: learning.py gives it 2
         assert res["status"] == "done" and res["grad_steps"] == STEPS + (epochs - 1) * 512 // 32, name
         LEARNED[f"resnet50_to_resnet18 {name}"].check(res)  # chance is 10%
     assert [s["replaced"] for s in read_results(runs["not"])["stages"]] == [
