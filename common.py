@@ -119,7 +119,8 @@ def rsa(x, y):
 
 
 def textbook_dmnn(x, y, k, temperature):
-    """D-MNN as `dmnn` defines it, one example at a time, in float64: the reference it is tested against."""
+    """D-MNN as `dmnn` defines it, one example at a time, in float64 and differentiable: the reference it is tested
+    against, value and gradient."""
     x, y = (F.normalize(t.flatten(1).double(), dim=1) for t in (x, y))
     total = 0.0
     for i in range(len(x)):
@@ -130,7 +131,7 @@ def textbook_dmnn(x, y, k, temperature):
             top = s.sort(descending=True).values
             memberships.append(torch.sigmoid((s - (top[k - 1] + top[k]) / 2) / (temperature * s.std())))
         a, b = memberships
-        total += (a @ b / (a.norm() * b.norm())).item()
+        total = total + a @ b / (a.norm() * b.norm())
     return total / len(x)
 
 
@@ -151,8 +152,10 @@ def dmnn(x, y, k=10, temperature=0.1):
         for t in (x, y):
             t = F.normalize(_rows(t).float(), dim=1)
             similarities = (t @ t.T)[others].view(n, n - 1)  # each row without its own example
-            top = similarities.detach().topk(k + 1, dim=1).values
-            threshold, spread = (top[:, k - 1] + top[:, k]) / 2, similarities.detach().std(1).clamp_min(1e-12)
+            # Threshold and spread in the graph (top-k values are differentiable): the gradient is the score's. Held
+            # constant, a common shift of a row's similarities looks free and the outputs collapse onto one direction.
+            top = similarities.topk(k + 1, dim=1).values
+            threshold, spread = (top[:, k - 1] + top[:, k]) / 2, similarities.std(1).clamp_min(1e-12)
             memberships.append(torch.sigmoid((similarities - threshold[:, None]) / (temperature * spread[:, None])))
         return F.cosine_similarity(*memberships, dim=1, eps=1e-12).mean()
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 from runs import spawn_two
@@ -68,8 +69,78 @@ def test_the_hard_mutual_knn_score_is_the_definition():
 @pytest.mark.parametrize("k, temperature", [(5, 0.1), (10, 0.5), (3, 1.0)])
 def test_dmnn_is_its_textbook_form(k, temperature):
     x, y = pair(48, 20, 12, seed=k, noise=0.8)
-    assert common.dmnn(x, y, k, temperature).item() == pytest.approx(common.textbook_dmnn(x, y, k, temperature),
-                                                                       abs=1e-6)
+    assert common.dmnn(x, y, k, temperature).item() == pytest.approx(common.textbook_dmnn(
+        x, y, k, temperature).item(), abs=1e-6)
+
+
+FAST = {"cka": common.cka, "cka unbiased": lambda x, y: common.cka(x, y, unbiased=True), "rsa": common.rsa,
+        "dmnn": lambda x, y: common.dmnn(x, y, 10, 0.1)}
+TEXTBOOK = {"cka": common.textbook_cka, "cka unbiased": lambda x, y: common.textbook_cka(x, y, unbiased=True),
+            "rsa": common.textbook_rsa, "dmnn": lambda x, y: common.textbook_dmnn(x, y, 10, 0.1)}
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_every_textbook_form_has_the_gradient_of_its_value(name):
+    """torch.autograd.gradcheck: each float64 textbook form's autograd gradient is its finite differences."""
+    x, y = pair(16, 6, 5, seed=7)
+    assert torch.autograd.gradcheck(lambda t: TEXTBOOK[name](t, y.double()), x.double().requires_grad_(True))
+
+
+@pytest.mark.parametrize("name", list(FAST))
+@pytest.mark.parametrize("n, d1, d2", [(64, 4096, 2048), (256, 128, 128)])
+def test_every_similarity_trains_on_the_gradient_of_its_textbook_form(name, n, d1, d2):
+    """Alignment follows the fast form's autograd gradient: it must be the float64 textbook form's, at the runs'
+    sizes (an image batch's flattened maps, the Gram form; a batch of tokens, the feature form), rows offset as
+    activations after a ReLU are. D-MNN's held its threshold and spread constant: cosine 0.85 with the score's."""
+    x, y = pair(n, d1, d2, seed=n)
+    x, y = x + 1.0, y + 0.5
+    fast = x.clone().requires_grad_(True)
+    FAST[name](fast, y).backward()
+    textbook = x.double().requires_grad_(True)
+    TEXTBOOK[name](textbook, y.double()).backward()
+    expected = textbook.grad
+    torch.testing.assert_close(fast.grad.double(), expected, rtol=0, atol=1e-3 * expected.abs().max().item())
+    assert F.cosine_similarity(fast.grad.double().flatten(), expected.flatten(), dim=0) > 1 - 1e-5
+
+
+def effective_rank(t):
+    """exp of the entropy of the centred outputs' normalized singular values: 1 for outputs on one line."""
+    p = torch.linalg.svdvals((t - t.mean(0)).double())
+    p = p / p.sum()
+    return torch.exp(-(p * p.clamp_min(1e-30).log()).sum()).item()
+
+
+def aligned_outputs(name, seed, steps=300):
+    """A new module (Linear, tanh, Linear) aligned to a guide's tanh(x A) under a similarity by Adam, as alignment
+    does; its outputs on held-out inputs."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(32, 64, generator=g) / math.sqrt(32)
+    torch.manual_seed(seed)
+    new = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64))
+    opt = torch.optim.Adam(new.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x = torch.randn(256, 32, generator=g)
+        (1 - FAST[name](new(x), torch.tanh(x @ a))).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        x = torch.randn(256, 32, generator=g)
+        return new(x), torch.tanh(x @ a)
+
+
+# The aligned outputs' effective rank over seeds 0-4 at 1 and 2 threads (the guide's 45.4): cka 33.1-33.6, unbiased
+# 32.9-33.4, rsa 32.6-33.0, dmnn 32.5-33.0; each bound 12 below its worst. This toy is milder than the one that
+# showed the collapse (600 steps, held-out 10-NN): D-MNN with its threshold detached also keeps rank 33 here, so the
+# gradient tests above, not this one, are what fails on that gradient.
+NO_COLLAPSE = {"cka": 20, "cka unbiased": 20, "rsa": 20, "dmnn": 20}
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_no_similarity_collapses_the_outputs_it_aligns(name):
+    """D-MNN with its threshold held constant drove the outputs onto one direction (issue 29: effective rank 39 -> 1,
+    every cosine 1.00); each similarity must keep the outputs spread as the guide's are."""
+    ours, guide = aligned_outputs(name, seed=0)
+    assert effective_rank(ours) > NO_COLLAPSE[name], (effective_rank(ours), effective_rank(guide))
 
 
 def test_soft_dmnn_tends_to_the_hard_score_as_the_temperature_goes_to_zero():
