@@ -43,8 +43,8 @@ SETTINGS = dict(
     # pytorch_model.bin in Hugging Face's GPT-2 layout (or a folder holding one)
     n_layer=12,  # the size of a random guide (weights files carry their own); heads are 64 wide
     n_embd=768,
-    rnn_dtype="float32",  # the recurrence on CUDA: "float32" (autocast off inside it) or "bfloat16" (cuDNN's RNN
-    # under the run's autocast; tools/gpu_check.sh measures both); CPU runs float32
+    rnn_dtype="float32",  # the recurrence's dtype, its weights cast to it, whatever the run's autocast: "float32" or
+    # "bfloat16" (on CPU too; tools/gpu_check.sh measures both on a GPU)
     rnn_output="linear",  # the mixer's output: "linear" (an Elman network's output layer, W h + b: attention's c_proj
     # has one, and a calibration folds into it) or "none" (the second layer's state itself, bounded by tanh)
     lr=3e-4,
@@ -75,19 +75,20 @@ class RNNMixer(nn.Module):
         super().__init__()
         self.rnn = nn.RNN(width, width, num_layers=2, nonlinearity="tanh", batch_first=True)
         self.out = nn.Linear(width, width) if output == "linear" else nn.Identity()
-        self.autocast = dtype == "bfloat16"  # how it runs, not a weight: not in the state dict
+        self.dtype = getattr(torch, dtype)  # how it runs, not a weight: not in the state dict
 
     def forward(self, x):
         return self.step(x, None)[0].flatten(0, 1)
 
     def step(self, x, state):
         """x [B, T, C] continuing from state (None: zeros) -> (outputs [B, T, C], the new state)."""
-        if self.autocast:
-            y, state = self.rnn(x, state)
-        else:
-            with torch.autocast(x.device.type, enabled=False):  # float32, whatever the run's autocast
-                y, state = self.rnn(x.float(), None if state is None else state.float())
-        return self.out(y), state
+        # The recurrence in its own dtype, whatever the run's autocast: autocast would run cuDNN's RNN in float16
+        # (its RNN kernel casts to half, not to the autocast dtype), with no loss scaling.
+        with torch.autocast(x.device.type, enabled=False):
+            weights = {name: w.to(self.dtype) for name, w in self.rnn.named_parameters()}
+            y, state = torch.func.functional_call(self.rnn, weights, (x.to(self.dtype), None if state is None else
+                                                                      state.to(self.dtype)))
+        return self.out(y.to(x.dtype)), state
 
 
 def make_stages(guide, example, cfg):

@@ -204,6 +204,27 @@ def elman(rnn, x):
     return x
 
 
+@pytest.mark.parametrize("rnn_dtype", ["float32", "bfloat16"])
+def test_the_recurrence_runs_in_its_own_dtype_whatever_the_autocast(rnn_dtype):
+    """--rnn_dtype is the dtype of the RNN itself (its input, state and weights), under autocast or none: CUDA's
+    autocast would run cuDNN's RNN in float16, whatever the autocast dtype. Gradients reach the float32 weights."""
+    torch.manual_seed(0)
+    mixer = gpt2_to_rnn.RNNMixer(16, rnn_dtype)
+    seen = []
+    mixer.rnn.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output[0].dtype)))
+    x = torch.randn(2, 5, 16)
+    for context in (torch.autocast("cpu", dtype=torch.bfloat16), torch.autocast("cpu", enabled=False)):
+        with context:
+            mixer(x).float().sum().backward()
+    assert seen == [(getattr(torch, rnn_dtype),) * 2] * 2
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in mixer.parameters())
+    # The same recurrence as nn.RNN's own float32 forward, to bfloat16's precision.
+    with torch.no_grad():
+        reference = mixer.out(mixer.rnn(x)[0]).flatten(0, 1)
+        torch.testing.assert_close(mixer(x), reference, **({} if rnn_dtype == "float32" else dict(atol=3e-2,
+                                                                                                     rtol=0)))
+
+
 def test_recurrent_generation_matches_the_full_forward(runs):
     target = gpt2_to_rnn.load_target(os.path.join(runs["not"][0], "target.pt"))
     torch.manual_seed(0)
