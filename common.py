@@ -281,17 +281,35 @@ def align_step(guide, hybrid, stage, x, opt, cfg):
     """One alignment step: loss 1 - similarity between the hybrid's and the guide's outputs at each compared place,
     both reading x and stopping there (the hybrid's own upstream layers feed the new modules); returns
     {measure: {place: value}} (the similarity, and for D-MNN the hard mutual k-NN score)."""
-    names = [g for g, _ in stage.compare]
+    names, places = [g for g, _ in stage.compare], [h for _, h in stage.compare]
     with torch.no_grad(), autocast(x.device, cfg.dtype):
         wanted = forward_until(guide, x, names)
+    linears = [f"{place}.{name}".rstrip(".") for place in places for name, m in
+               hybrid.get_submodule(place).named_modules() if isinstance(m, nn.Linear) and m.bias is not None
+               ] if cfg.similarity == "cka" else []
     with autocast(x.device, cfg.dtype):
-        got = forward_until(hybrid, x, [h for _, h in stage.compare])
+        outputs = forward_until(hybrid, x, places + linears)
+    got, inner = outputs[:len(places)], outputs[len(places):]
     measured = [similarity(h, g, cfg) for h, g in zip(got, wanted)]
     (1 - torch.stack([m[cfg.similarity] for m in measured]).mean()).backward()
+    for name, out in zip(linears, inner):  # biases CKA cannot see: their gradient is float noise, not stepped
+        if any(adds_offsets(out, compared) for compared in got):
+            hybrid.get_submodule(name).bias.grad = None
     params = [p for group in opt.param_groups for p in group["params"]]
     average_gradients(params)  # alignment has no DDP wrapper
     gradient_step(params, opt, cfg.grad_clip)
     return {measure: dict(zip(names, (m[measure].detach() for m in measured))) for measure in measured[0]}
+
+
+def adds_offsets(linear_output, compared):
+    """Whether the bias of the Linear that gave linear_output adds one constant to each feature of the compared
+    output in every example: the compared output is that Linear's output itself, its rows whole multiples of the
+    Linear's features. CKA centres every feature over the examples, so such a bias's true gradient is 0 and autograd's
+    is float noise, which Adam (dividing by its root mean square) would turn into steps of the learning rate,
+    different on every machine and process count. RSA and D-MNN compare uncentred rows: they see it."""
+    rows = _rows(compared)
+    return (rows.data_ptr() == linear_output.data_ptr() and rows.numel() == linear_output.numel()
+            and rows.is_contiguous() and linear_output.is_contiguous() and rows.shape[1] % linear_output.shape[-1] == 0)
 
 
 def align(guide, hybrid, stage, i, run):
@@ -502,10 +520,11 @@ CHECKS = dict(method=("not", "naive", "guide"), order=("forward", "reverse"), ca
               device=("auto", "cuda", "cpu"), dtype=("bfloat16", "float32"), tokenizer=("gpt2", "bytes"),
               batch_size=positive, log_interval=positive, ckpt_interval=positive, image_size=positive,
               num_classes=positive, seq_len=positive, mnn_k=positive, mnn_temperature=positive,
-              dist_timeout=positive, synthetic_modes=positive, align_steps=non_negative, finetune_steps=non_negative,
-              bn_recal_batches=non_negative, eval_interval=non_negative, epochs=non_negative, seed=non_negative,
-              train_steps=non_negative, workers=non_negative, synthetic_shift=non_negative,
-              synthetic_colour=non_negative, synthetic_distractors=non_negative, synthetic_noise=non_negative)
+              dist_timeout=positive, synthetic_modes=positive, synthetic_val=positive, align_steps=non_negative,
+              finetune_steps=non_negative, bn_recal_batches=non_negative, eval_interval=non_negative,
+              epochs=non_negative, seed=non_negative, train_steps=non_negative, workers=non_negative,
+              synthetic_shift=non_negative, synthetic_colour=non_negative, synthetic_distractors=non_negative,
+              synthetic_noise=non_negative)
 
 
 def configure(settings, argv, presets=None, checks=None):
@@ -880,7 +899,7 @@ class Run:
             # Seconds per step; a smoke run's last step alone (its first pays the one-time costs).
             self.rates.setdefault(kind, {})[phase] = now - t_step if self.smoke else (now - t0) / (step + 1 - start)
             t_step = now
-            if "loss" not in self.values:  # alignment: each measure at each compared place
+            if kind == "align":  # each measure at each compared place
                 self.trace.append(torch.stack([v for places in self.values.values() for v in places.values()]))
                 if (step + 1) % max(steps // 10, 1) == 0 or step + 1 == end:  # a point of the curves
                     window = torch.stack(self.trace[self.curve[-1][0] if self.curve else 0:])  # since the last point
@@ -905,7 +924,7 @@ class Run:
                 self._save(phase, step + 1, model, opt)
         if self.device.type == "cuda":
             self.peaks[kind] = max(self.peaks.get(kind, 0), torch.cuda.max_memory_allocated(self.device))
-        if "loss" not in self.values:  # the stage's similarity: the mean of its last ten steps, and the curves
+        if kind == "align" and self.trace:  # the stage's similarity: the mean of its last ten steps, and the curves
             self.alignment = self._by_measure(torch.stack(self.trace[-10:]).mean(0))
             self.alignment.update({f"{m}_curve": [[s, point[m]] for s, point in self.curve] for m in self.values})
         self.phase_end = self.clock()
@@ -1316,6 +1335,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def image_data(cfg, ctx, interpolation="bilinear"):
     """(train set, val set, number of classes): ImageNet folders when cfg.data_dir is set, else generated images
     (the same for every --seed: seeds vary the runs, not the task)."""
+    if cfg.batch_size < 2 * ctx.world:  # a similarity of one example, BatchNorm of one value: nothing to learn from
+        raise ConfigError(f"--batch_size={cfg.batch_size} gives {cfg.batch_size // ctx.world} image a process: the "
+                          f"similarity compares a batch's images and BatchNorm normalizes each process's, so at "
+                          f"least 2 a process ({2 * ctx.world} in all)")
     if cfg.data_dir:
         decode = "cpu" if cfg.decode == "auto" else cfg.decode
         if decode == "gpu" and ctx.device.type != "cuda":
@@ -1326,6 +1349,9 @@ def image_data(cfg, ctx, interpolation="bilinear"):
         ctx.log(f"data: {len(train_set)} training and {len(val_set)} validation images of {len(classes)} classes in "
                 f"{cfg.data_dir}, decoded by {decode} ({cfg.workers} workers per process)")
         return train_set, val_set, len(classes)
+    if cfg.synthetic_train < cfg.batch_size:
+        raise ConfigError(f"--synthetic_train={cfg.synthetic_train}: fewer generated training images than one batch "
+                          f"(--batch_size={cfg.batch_size})")
     if cfg.synthetic_shift >= cfg.image_size:
         raise ConfigError(f"--synthetic_shift={cfg.synthetic_shift}: expected 0 to image_size - 1")
     if cfg.guide == "pretrained":
@@ -1576,7 +1602,8 @@ class Batches:
         self.dataset, self.per_rank, self.seed, self.ctx = dataset, cfg.batch_size // ctx.world, cfg.seed, ctx
         self.epoch, self.index, self._iter = 0, 0, None
         if len(dataset) < cfg.batch_size:
-            raise ConfigError(f"the training set has {len(dataset)} examples, fewer than one batch of {cfg.batch_size}")
+            raise ConfigError(f"the training set has {len(dataset)} examples, fewer than one batch (--batch_size="
+                              f"{cfg.batch_size})")
         # A generator of its own: starting an iterator draws a seed, which must not move the global generator.
         self.loader = torch.utils.data.DataLoader(
             dataset, self.per_rank, sampler=_Keys(self), drop_last=True, num_workers=cfg.workers,

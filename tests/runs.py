@@ -73,28 +73,6 @@ def steps_logged(log):
     return [(name, int(step)) for name, step in re.findall(r"^(.*) step (\d+)/\d+ \|", log, re.MULTILINE)]
 
 
-def assert_stages_agree(two, one, tolerance=None, final_tolerance=None, relative=False, cka_tolerance=1e-3):
-    """Two runs' results.json (of 2 processes and of 1, on the same global batches) record the same stages: CKA
-    within cka_tolerance, the metric before and after fine-tuning within tolerance (None: not compared) and the final metric
-    within final_tolerance (None: not compared); relative: as fractions of one process's values. Alignment gives a
-    new module's last bias no gradient (CKA ignores offsets) but float noise, which Adam makes into steps of its
-    learning rate that differ between the two; measured: CKA within 2e-5, the ViT's top-1 within one image of 64,
-    GPT's stage perplexities within 1e-4 and its final one (after 40 more steps) within 0.22%. New modules that
-    started differently on the two processes move CKA by 1e-2 and more."""
-    assert two["grad_steps"] == one["grad_steps"] and len(two["stages"]) == len(one["stages"])
-    metric = one["metric"]["name"]
-
-    def close(a, b, tol):
-        return abs(a - b) <= tol * (abs(b) if relative else 1)
-
-    for a, b in zip(two["stages"], one["stages"]):
-        assert all(abs(a["cka"][k] - b["cka"][k]) <= cka_tolerance for k in b["cka"]), (a, b)
-        for key in (metric, f"{metric}_before_finetune") if tolerance is not None else ():
-            assert (key in a) == (key in b) and close(a.get(key, 0), b.get(key, 0), tolerance), (a, b)
-    if final_tolerance is not None:
-        assert close(two["metric"]["value"], one["metric"]["value"], final_tolerance)
-
-
 def assert_other_similarity_run(out_dir, log, flag, measure, stages):
     """A run with --similarity=dmnn|rsa or --calibrate=linear: done, every stage records its one place's measure and
     curve under that measure's name (D-MNN runs also the hard mutual k-NN), and the log names it."""
@@ -155,3 +133,18 @@ def write_text_folder(folder, sizes=(60, 15, 15)):
             lines.append(" " + " ".join(sentences) + " \n")
         (folder / name).write_text("".join(lines), encoding="utf-8")
     return folder
+
+
+def write_image_folder(root, classes, per_class=4, size=40):
+    """PNGs of size x size + 3j pixels (photographs differ in size), each class its own brightness."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for i, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for j in range(per_class):
+                pixels = (torch.rand(size, size + 3 * j, 3, generator=g) * 60 + 80 * i).clamp(0, 255).byte().numpy()
+                Image.fromarray(pixels).save(folder / f"{j}.png")
+    return root

@@ -1,6 +1,7 @@
 """The method's parts on small models: BatchNorm statistics that follow the hybrid, calibration, the CKA record
 and its degenerate-floor warning, and the staged loop's order of work."""
 import copy
+import json
 import math
 
 import pytest
@@ -120,6 +121,45 @@ def test_alignment_records_a_cka_curve_and_warns_at_the_degenerate_floor(tmp_pat
     assert torch.equal(hybrid[2].weight, torch.zeros(3, 8))  # indeed it learned nothing
 
 
+class TokenMixer(nn.Module):
+    """A replacement of gpt2_to_rnn.py's kind: [B, T, C] in, token rows [B*T, C] out of a last Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inner(x))).flatten(0, 1)
+
+
+@pytest.mark.parametrize("similarity", ["cka", "rsa", "dmnn"])
+def test_alignment_steps_no_bias_the_similarity_cannot_see(tmp_path, similarity):
+    """CKA centres every feature: the bias of the compared output's own Linear has a true gradient of 0 and a float
+    noise one, which Adam would make into steps of its learning rate. It must stay where it started; every other
+    parameter, and that bias under RSA and D-MNN (uncentred rows: they see it), must move."""
+    g = torch.Generator().manual_seed(0)
+    maps = common.Stage(None, [("0", "0")], ["0"])
+    tokens = common.Stage(None, [("1", "1")], ["1"])
+    cases = [(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()), LowRank(), maps, [torch.randn(
+        12, 3, 8, 8, generator=g) + 1.0 for _ in range(3)], "up"),
+             (nn.Sequential(nn.Linear(8, 8), TokenMixer()), TokenMixer(), tokens, [torch.randn(
+                 3, 4, 8, generator=g) + 1.0 for _ in range(3)], "out"),
+             (nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), nn.Linear(8, 3), common.Stage(
+                 None, [("2", "2")], ["2"]), [torch.randn(12, 6, generator=g) for _ in range(3)], "")]
+    for guide, new, stage, batches, last in cases:
+        torch.manual_seed(0)
+        hybrid = copy.deepcopy(guide)
+        hybrid[int(stage.train[0])] = new
+        before = copy.deepcopy(new.state_dict())
+        task = common.Task(loss=None, inputs=lambda x: x, evaluate=None, metric="loss")
+        run = small_run(tmp_path / type(new).__name__ / similarity, batches, task, "--align_steps=30",
+                        f"--similarity={similarity}", "--mnn_k=2")
+        common.align(guide.eval(), hybrid, stage, 1, run)
+        blind = {f"{last}.bias".lstrip(".")} if similarity == "cka" else set()
+        for key, value in new.state_dict().items():
+            assert torch.equal(value, before[key]) == (key in blind), (key, similarity)
+
+
 def test_convert_swaps_aligns_finetunes_and_evaluates_each_stage_in_order(tmp_path):
     torch.manual_seed(0)
     guide = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8), nn.BatchNorm1d(8),
@@ -147,6 +187,27 @@ def test_convert_swaps_aligns_finetunes_and_evaluates_each_stage_in_order(tmp_pa
     assert (first["score_before_finetune"], first["score"], second["score"]) == (1.0, 2.0, 4.0)
     assert not any(m is g for m in target for g in guide)  # the target is a new model; the guide is untouched
     assert math.isfinite(target(batches[0][0]).sum().item())
+
+
+@pytest.mark.parametrize("align_steps, finetune_steps, train_steps", [(0, 2, 4), (3, 2, 0), (0, 0, 0)])
+def test_a_conversion_without_alignment_or_final_training_finishes(tmp_path, align_steps, finetune_steps,
+                                                                    train_steps):
+    """--align_steps=0 (the stages only swap and fine-tune), --epochs=0 (the target as the stages left it): fair
+    requests, which must run to the end and say what they did."""
+    torch.manual_seed(0)
+    guide = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(5, 6, generator=g), torch.randint(3, (5,), generator=g)) for _ in range(6)]
+    task = common.Task(loss=lambda model, b: F.cross_entropy(model(b[0]), b[1]), inputs=lambda b: b[0],
+                       evaluate=lambda model: 0.5, metric="score")
+    stages = [common.Stage(lambda hybrid, i=i: hybrid.__setitem__(i, nn.Linear(6 if i == 0 else 8, 8 if i == 0 else 3)),
+                           [(str(i), str(i))], [str(i)]) for i in (0, 2)]
+    run = small_run(tmp_path, batches, task, f"--align_steps={align_steps}", f"--finetune_steps={finetune_steps}",
+                    "--bn_recal_batches=0")
+    run.finish(common.convert(guide, stages, train_steps, task, run))
+    assert run.grad_steps == 2 * (align_steps + finetune_steps) + train_steps
+    assert [r["align_steps"] for r in run.records] == [align_steps] * 2
+    assert json.load(open(tmp_path / "results.json"))["status"] == "done"
 
 
 def test_time_left_in_the_log_is_exact_for_steady_costs(tmp_path):
