@@ -1088,7 +1088,7 @@ class Run:
         self.evals.append([self.grad_steps, final])
         self.log_line(f"final {self.task.metric} {final:.4f} after {self.grad_steps} gradient steps, "
                       f"{_clock(self.clock() - self.started)} elapsed")
-        if self.smoke:
+        if self.smoke and self.ctx.master:  # its disk numbers are process 0's, which alone writes
             self._smoke_report()
         self._wandb({f"final/{self.task.metric}": final}, {f"final/{self.task.metric}": final})
         if self.wandb is not None:
