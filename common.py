@@ -1101,6 +1101,8 @@ class Run:
     def _round_trip(self, phase, model, opt):
         """A smoke run's first step: its checkpoint written, read back and resumed from, as a restart would."""
         self._save(phase, 1, model, opt)
+        if dist.is_initialized():
+            dist.barrier()  # process 0 has replaced ckpt.pt: none reads the one before
         self.saved = load_checkpoint(self.path, mmap=True)
         self._restore(model, opt)
         self.smoke_record["checkpoint_bytes"] = os.path.getsize(self.path)

@@ -252,16 +252,12 @@ def smoke_run(rank, init_method, folder, save_delay):
         torch.save(every, os.path.join(folder, "smoke.pt"))
 
 
-def test_a_smoke_run_of_two_processes_finishes(tmp_path):
+def test_a_smoke_run_of_two_processes_finishes_with_equal_replicas(tmp_path):
     from runs import read_results
 
-    spawn_two(smoke_run, (str(tmp_path), 0.0), str(tmp_path))
+    spawn_two(smoke_run, (str(tmp_path), 0.5), str(tmp_path))
     res = read_results(tmp_path / "smoke")
     assert res["status"] == "done" and res["grad_steps"] == 2 and "disk_needed_bytes" in res["smoke"]
-
-
-def test_a_smoke_runs_checkpoint_round_trip_keeps_the_replicas_equal(tmp_path):
-    spawn_two(smoke_run, (str(tmp_path), 0.5), str(tmp_path))
     first, second = torch.load(tmp_path / "smoke.pt")
     # Read before process 0 replaced it, process 1 would restore the weights from before the first step.
     assert all(torch.equal(first[k], second[k]) for k in first)
