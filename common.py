@@ -243,10 +243,16 @@ def replace(model, name, make_new, example):
 
 def swap(hybrid, stage, i, seed):
     """Stage i's swap, its new modules drawn from a random stream of their own, (seed, i): alike on every process
-    whatever each drew before (checked), and alike in NoT and naive runs of the same seed."""
+    whatever each drew before (checked), and alike in NoT and naive runs of the same seed; put on the hybrid's device
+    and, if its convolutions are channels_last, in that format (a swap may build them on the CPU)."""
+    device = next(hybrid.parameters()).device
+    layout = torch.channels_last if any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(
+        memory_format=torch.channels_last) for p in hybrid.parameters()) else torch.preserve_format
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
         torch.manual_seed(seed * 1000 + i)
         stage.swap(hybrid)
+    for name in stage.train:
+        hybrid.get_submodule(name).to(device, memory_format=layout)
     check_replicas([t for name in stage.train for t in hybrid.get_submodule(name).state_dict().values()],
                    f"stage {i}'s new modules")
 
@@ -773,6 +779,8 @@ def check_replicas(tensors, what):
     if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
         return
     prints = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors]).flatten()
+    if dist.get_backend() == "nccl":  # NCCL sends CUDA tensors only; load_target's model is on the CPU
+        prints = prints.to(torch.device("cuda", torch.cuda.current_device()))
     low, high = prints.clone(), prints.clone()
     dist.all_reduce(low, dist.ReduceOp.MIN)
     dist.all_reduce(high, dist.ReduceOp.MAX)
