@@ -1474,7 +1474,8 @@ class ImageFiles(torch.utils.data.Dataset):
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()
             try:
-                decoded = decode_jpeg([images[i] for i in compressed], mode=ImageReadMode.RGB, device=device)
+                decoded = decode_jpeg([images[i] for i in compressed], mode=ImageReadMode.RGB, device=device) if (
+                    compressed) else []  # it refuses an empty list
             except RuntimeError:  # one by one: a valid JPEG nvjpeg rejects (arithmetic coding, say) goes to the CPU
                 decoded = [self._decode_one(images[i], paths[i], device) for i in compressed]
             images = list(images)
