@@ -511,10 +511,14 @@ CHECKS = dict(method=("not", "naive", "guide"), order=("forward", "reverse"), ca
               synthetic_colour=non_negative, synthetic_distractors=non_negative, synthetic_noise=non_negative)
 
 
-def configure(settings, argv, presets=None, checks=None):
+# Bytes D-MNN's n x n float32 matrices (at least four alive) may take: half an 80 GB card, the rest for the models.
+DMNN_MEMORY_BUDGET = 40e9
+
+
+def configure(settings, argv, presets=None, checks=None, rows_per_example=lambda cfg: 1):
     """The run's settings as attributes (cfg.lr): SETTINGS, then the script's `settings`, then --preset=NAME, then
     the --key=value flags, every value checked (CHECKS, and the script's `checks`) before any work. --help (or -h)
-    prints them all and exits."""
+    prints them all and exits. rows_per_example(cfg): the rows of one example the similarity compares (tokens)."""
     if "--help" in argv or "-h" in argv:
         caller = sys._getframe(1).f_globals  # the script's module: its docstring and source
         print(usage(caller.get("__doc__") or "", caller.get("__file__", ""), {**SETTINGS, **settings}, presets or {},
@@ -530,7 +534,16 @@ def configure(settings, argv, presets=None, checks=None):
         raise ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, not {cfg['guide']!r}")
     if cfg["eval_only"] not in ("", "guide") and not os.path.isfile(cfg["eval_only"]):
         raise ConfigError(f"--eval_only={cfg['eval_only']}: expected 'guide' or the path of a target.pt")
-    return SimpleNamespace(**cfg)
+    cfg = SimpleNamespace(**cfg)
+    local = int(os.environ.get("WORLD_SIZE", 1)) if cfg.similarity_scope == "local" else 1
+    rows = cfg.batch_size // local * rows_per_example(cfg)  # the rows one similarity reads
+    if cfg.similarity == "dmnn" and 4 * 4 * rows ** 2 > DMNN_MEMORY_BUDGET:
+        raise ConfigError(f"--similarity=dmnn compares {rows:,} rows at once (--batch_size={cfg.batch_size}"
+                          f"{f' over {local} processes' if local > 1 else ''} x {rows_per_example(cfg)}, "
+                          f"--similarity_scope={cfg.similarity_scope}): each of its n x n float32 matrices is "
+                          f"{4 * rows ** 2 / 1e9:.1f} GB and at least four are alive: over the "
+                          f"{DMNN_MEMORY_BUDGET / 1e9:.0f} GB they may take; use --similarity=cka, a smaller --batch_size, or --similarity_scope=local")
+    return cfg
 
 
 def usage(doc, script, defaults, presets, checks):
