@@ -246,10 +246,16 @@ def replace(model, name, make_new, example):
 
 def swap(hybrid, stage, i, seed):
     """Stage i's swap, its new modules drawn from a random stream of their own, (seed, i): alike on every process
-    whatever each drew before (checked), and alike in NoT and naive runs of the same seed."""
+    whatever each drew before (checked), and alike in NoT and naive runs of the same seed; put on the hybrid's device
+    and, if its convolutions are channels_last, in that format (a swap may build them on the CPU)."""
+    device = next(hybrid.parameters()).device
+    layout = torch.channels_last if any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(
+        memory_format=torch.channels_last) for p in hybrid.parameters()) else torch.preserve_format
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
         torch.manual_seed(seed * 1000 + i)
         stage.swap(hybrid)
+    for name in stage.train:
+        hybrid.get_submodule(name).to(device, memory_format=layout)
     check_replicas([t for name in stage.train for t in hybrid.get_submodule(name).state_dict().values()],
                    f"stage {i}'s new modules")
 
@@ -527,10 +533,14 @@ CHECKS = dict(method=("not", "naive", "guide"), order=("forward", "reverse"), ca
               synthetic_noise=non_negative)
 
 
-def configure(settings, argv, presets=None, checks=None):
+# Bytes D-MNN's n x n float32 matrices (at least four alive) may take: half an 80 GB card, the rest for the models.
+DMNN_MEMORY_BUDGET = 40e9
+
+
+def configure(settings, argv, presets=None, checks=None, rows_per_example=lambda cfg: 1):
     """The run's settings as attributes (cfg.lr): SETTINGS, then the script's `settings`, then --preset=NAME, then
     the --key=value flags, every value checked (CHECKS, and the script's `checks`) before any work. --help (or -h)
-    prints them all and exits."""
+    prints them all and exits. rows_per_example(cfg): the rows of one example the similarity compares (tokens)."""
     if "--help" in argv or "-h" in argv:
         caller = sys._getframe(1).f_globals  # the script's module: its docstring and source
         print(usage(caller.get("__doc__") or "", caller.get("__file__", ""), {**SETTINGS, **settings}, presets or {},
@@ -546,7 +556,17 @@ def configure(settings, argv, presets=None, checks=None):
         raise ConfigError(f"--method=guide trains a guide from scratch: pass --guide=random, not {cfg['guide']!r}")
     if cfg["eval_only"] not in ("", "guide") and not os.path.isfile(cfg["eval_only"]):
         raise ConfigError(f"--eval_only={cfg['eval_only']}: expected 'guide' or the path of a target.pt")
-    return SimpleNamespace(**cfg)
+    cfg = SimpleNamespace(**cfg)
+    local = int(os.environ.get("WORLD_SIZE", 1)) if cfg.similarity_scope == "local" else 1
+    rows = cfg.batch_size // local * rows_per_example(cfg)  # the rows one similarity reads
+    if cfg.similarity == "dmnn" and 4 * 4 * rows ** 2 > DMNN_MEMORY_BUDGET:
+        raise ConfigError(f"--similarity=dmnn compares {rows:,} rows at once (--batch_size={cfg.batch_size}"
+                          f"{f' over {local} processes' if local > 1 else ''} x {rows_per_example(cfg)}, "
+                          f"--similarity_scope={cfg.similarity_scope}): each of its n x n float32 matrices is "
+                          f"{4 * rows ** 2 / 1e9:.1f} GB and at least four are alive: over the "
+                          f"{DMNN_MEMORY_BUDGET / 1e9:.0f} GB they may take; use --similarity=cka, a smaller "
+                          f"--batch_size, or --similarity_scope=local")
+    return cfg
 
 
 def usage(doc, script, defaults, presets, checks):
@@ -795,6 +815,8 @@ def check_replicas(tensors, what):
     if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
         return
     prints = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors]).flatten()
+    if dist.get_backend() == "nccl":  # NCCL sends CUDA tensors only; load_target's model is on the CPU
+        prints = prints.to(torch.device("cuda", torch.cuda.current_device()))
     low, high = prints.clone(), prints.clone()
     dist.all_reduce(low, dist.ReduceOp.MIN)
     dist.all_reduce(high, dist.ReduceOp.MAX)
@@ -1110,7 +1132,7 @@ class Run:
         self.evals.append([self.grad_steps, final])
         self.log_line(f"final {self.task.metric} {final:.4f} after {self.grad_steps} gradient steps, "
                       f"{_clock(self.clock() - self.started)} elapsed")
-        if self.smoke:
+        if self.smoke and self.ctx.master:  # its disk numbers are process 0's, which alone writes
             self._smoke_report()
         self._wandb({f"final/{self.task.metric}": final}, {f"final/{self.task.metric}": final})
         if self.wandb is not None:
@@ -1123,6 +1145,8 @@ class Run:
     def _round_trip(self, phase, model, opt):
         """A smoke run's first step: its checkpoint written, read back and resumed from, as a restart would."""
         self._save(phase, 1, model, opt)
+        if dist.is_initialized():
+            dist.barrier()  # process 0 has replaced ckpt.pt: none reads the one before
         self.saved = load_checkpoint(self.path, mmap=True)
         self._restore(model, opt)
         self.smoke_record["checkpoint_bytes"] = os.path.getsize(self.path)
@@ -1493,7 +1517,8 @@ class ImageFiles(torch.utils.data.Dataset):
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()
             try:
-                decoded = decode_jpeg([images[i] for i in compressed], mode=ImageReadMode.RGB, device=device)
+                decoded = decode_jpeg([images[i] for i in compressed], mode=ImageReadMode.RGB, device=device) if (
+                    compressed) else []  # it refuses an empty list
             except RuntimeError:  # one by one: a valid JPEG nvjpeg rejects (arithmetic coding, say) goes to the CPU
                 decoded = [self._decode_one(images[i], paths[i], device) for i in compressed]
             images = list(images)

@@ -295,7 +295,8 @@ def load_target(path):
 
 def main(argv):
     cfg = common.configure(SETTINGS, argv, PRESETS, checks={"head_layers": (4, 1), "token_mlp_width": common.positive,
-                                                         "embed_dim": common.positive, "patch_size": common.positive})
+                                                         "embed_dim": common.positive, "patch_size": common.positive},
+                           rows_per_example=lambda cfg: 1 + (cfg.image_size // cfg.patch_size) ** 2)  # its tokens
     if cfg.embed_dim % 64:
         raise common.ConfigError(f"--embed_dim={cfg.embed_dim}: must be a multiple of 64 (heads are 64 wide)")
     if cfg.depth < cfg.head_layers:

@@ -315,7 +315,8 @@ def load_target(path):
 def main(argv):
     cfg = common.configure(SETTINGS, argv, PRESETS, checks={"n_layer": common.positive, "n_embd": common.positive,
                                                             "rnn_dtype": ("float32", "bfloat16"),
-                                                            "rnn_output": ("linear", "none")})
+                                                            "rnn_output": ("linear", "none")},
+                           rows_per_example=lambda cfg: cfg.seq_len)
     if cfg.n_embd % 64:
         raise common.ConfigError(f"--n_embd={cfg.n_embd}: must be a multiple of 64 (GPT-2's heads are 64 wide)")
     if cfg.seq_len > GPTConfig.block_size:

@@ -83,6 +83,8 @@ def shard(model):
     """FSDP over all processes (`--shard=True`), each Linear a unit: the low-rank maps hold nearly every weight."""
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP shards contiguous parameters only; model is a copy, and the weights copied back keep the model's format.
+    model.to(memory_format=torch.contiguous_format)
     for module in model.modules():
         if isinstance(module, nn.Linear):
             fully_shard(module)

@@ -323,6 +323,16 @@ def test_bad_input_stops_with_a_message_and_writes_nothing(monkeypatch, tmp_path
     assert os.listdir(tmp_path) == []
 
 
+def test_dmnn_of_the_papers_global_batch_is_refused_with_its_arithmetic(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    rows = 256 * (1 + (224 // 14) ** 2)  # the global batch's token rows: 65,792
+    with pytest.raises(SystemExit) as err:
+        script.main(["--similarity=dmnn", "--out_dir=out"])  # the paper's settings
+    message = str(err.value.code)
+    assert "--similarity=dmnn" in message and f"{rows:,} rows" in message
+    assert f"{rows ** 2 * 4 / 1e9:.1f} GB" in message and os.listdir(tmp_path) == []
+
+
 def test_bad_input_from_the_command_line(tmp_path):
     proc = run([*FAST, "--out_dir=out", "--image_size=30"], cwd=tmp_path, check=False)
     assert proc.returncode != 0

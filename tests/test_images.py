@@ -90,6 +90,15 @@ def test_gpu_path_on_the_cpu_gives_the_documented_crops(folder, capsys):
     assert capsys.readouterr().out == ""  # and only the first time
 
 
+def test_gpu_path_takes_a_batch_without_a_jpeg_for_nvjpeg(folder):
+    data = files(folder, "train", "gpu")
+    odd = [data[i] for i in range(len(data)) if data.path(i).endswith(("cmyk.JPEG", "gray.JPEG", "png.JPEG"))]
+    assert len(odd) == 3
+    images = data.prepare(data.collate(odd), torch.device("cpu"))
+    for image, (_, _, crop, path, _) in zip(images, odd):
+        assert (to_uint8(image) - reference(path, crop).float()).abs().mean() < 3.0, path
+
+
 def documented_crop(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's parameters as torchvision documents the algorithm, written out: up to 10 draws of an area
     fraction uniform in scale and a log-uniform aspect ratio, the first that fits; else the whole image's center,

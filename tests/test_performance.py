@@ -114,6 +114,53 @@ def test_sharded_task_phase_trains_like_ddp_and_resumes_exactly(tmp_path):
     assert saved["optimizer"]["state"]["0.weight"]["exp_avg"].shape == (32, 6)
 
 
+IMAGES = [(torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(k)), torch.arange(8) % 3) for k in range(2)]
+
+
+def conv_model():
+    """Convolutions in channels_last, as the ResNet-18 guide's on CUDA, with a Linear (a unit of its own)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 3)).to(
+        memory_format=torch.channels_last)
+
+
+def trained_conv_model(folder, rank=0, world=1):
+    """Two task steps of conv_model on this rank's rows of IMAGES; sharded by resnet18_to_mlp's rule on two."""
+    cfg = common.configure({}, [f"--out_dir={folder}", "--batch_size=8", "--log_interval=100", "--warmup_steps=1"])
+    cfg.dtype = "float32"
+    run = common.Run(cfg, common.Context(rank, rank, world, torch.device("cpu"), "test.py"), CLASSIFY,
+                     Stream(IMAGES, rank, world), shard=resnet18_to_mlp.shard)
+    model = conv_model()
+    common.train(model, "train", 2, 1e-2, CLASSIFY, run)
+    return model
+
+
+def sharded_conv_worker(rank, init_method, folder):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    try:
+        if rank == 0:
+            os.makedirs(f"{folder}/sharded", exist_ok=True)
+        dist.barrier()
+        model = trained_conv_model(f"{folder}/sharded", rank, 2)
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{folder}/conv-{rank}.pt")
+        torch.save(model[0].weight.is_contiguous(memory_format=torch.channels_last), f"{folder}/layout-{rank}.pt")
+        dist.barrier()  # gloo may abort a process that leaves while the other still runs
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_channels_last_model_shards_and_its_weights_come_back_in_their_format(tmp_path):
+    spawn_two(sharded_conv_worker, (str(tmp_path),), str(tmp_path))
+    one = trained_conv_model(tmp_path / "one").state_dict()  # one process on the whole batches: no sharding
+    assert (one["0.weight"] - conv_model()[0].weight).abs().max() > 1e-3  # the steps moved the weights
+    for rank in (0, 1):
+        two = torch.load(tmp_path / f"conv-{rank}.pt")
+        assert torch.load(tmp_path / f"layout-{rank}.pt")
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
 def one_process_phase(tmp_path, name, task=CLASSIFY, *flags):
     hybrid, logs = model(), []
     run = phase_run(tmp_path / name.replace(" ", "-"), 0, 1, None, task, "--ckpt_interval=100", *flags)

@@ -3,6 +3,7 @@
 checkpoints are gathered and resumed."""
 import copy
 import os
+import time
 
 import numpy as np
 import pytest
@@ -226,6 +227,40 @@ def test_batchnorm_statistics_agree_between_processes_after_a_task_phase(tmp_pat
     # Each process normalized its own half; evaluation and target.pt must see one model: process 0's.
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert first["1.running_mean"].abs().max() > 0.1  # the batches' statistics, not the initial zeros
+
+
+def smoke_run(rank, init_method, folder, save_delay):
+    """A --preset=smoke task run on two processes, process 0's checkpoint writes taking save_delay seconds more."""
+    def work():
+        real_save = common.save_atomic
+
+        def slow_save(obj, path):
+            time.sleep(save_delay)  # the old ckpt.pt is still in place meanwhile
+            real_save(obj, path)
+
+        common.save_atomic = slow_save
+        run = make_run(os.path.join(folder, "smoke"), rank, 2, None, "--preset=smoke")
+        run.task = task = common.Task(CLASSIFY.loss, CLASSIFY.inputs, lambda m: CLASSIFY.loss(m, BATCHES[0]).item(),
+                                      "loss", lower_is_better=True)
+        model = bn_net()
+        common.train(model, "train", 4, 1e-2, task, run)
+        run.finish(model)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    every = joined(init_method, rank, work)
+    if rank == 0:
+        torch.save(every, os.path.join(folder, "smoke.pt"))
+
+
+def test_a_smoke_run_of_two_processes_finishes_with_equal_replicas(tmp_path):
+    from runs import read_results
+
+    spawn_two(smoke_run, (str(tmp_path), 0.5), str(tmp_path))
+    res = read_results(tmp_path / "smoke")
+    assert res["status"] == "done" and res["grad_steps"] == 2 and "disk_needed_bytes" in res["smoke"]
+    first, second = torch.load(tmp_path / "smoke.pt")
+    # Read before process 0 replaced it, process 1 would restore the weights from before the first step.
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_resume_refuses_another_number_of_processes(tmp_path):

@@ -58,6 +58,17 @@ def test_hybrid_runs_at_every_stage_and_ends_as_resnet18(order):
     torch.testing.assert_close(target.eval()(x), hybrid(x))
 
 
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_each_swap_puts_its_resnet18_parts_on_the_guides_device_and_memory_format(order):
+    # The meta device stands in for a GPU: the new ResNet-18 parts are built on the CPU.
+    guide = torchvision.models.resnet50(num_classes=10).to("meta", memory_format=torch.channels_last)
+    hybrid = copy.deepcopy(guide)
+    for i, stage in enumerate(script.make_stages(guide, SimpleNamespace(order=order)), 1):
+        common.swap(hybrid, stage, i, seed=0)
+        assert {t.device.type for t in [*hybrid.parameters(), *hybrid.buffers()]} == {"meta"}, i
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in hybrid.parameters() if p.dim() == 4), i
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every arm, run in this process (the command line is tested below, with two processes)."""
