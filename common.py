@@ -945,7 +945,7 @@ class Run:
             if (step + 1) % self.cfg.ckpt_interval == 0 and step + 1 < end:
                 self._save(phase, step + 1, model, opt)
         if self.device.type == "cuda":
-            self.peaks[kind] = max(self.peaks.get(kind, 0), torch.cuda.max_memory_allocated(self.device))
+            self.peaks[kind] = max(self.peaks.get(kind, 0), torch.cuda.max_memory_reserved(self.device))
         if kind == "align" and self.trace:  # the stage's similarity: the mean of its last ten steps, and the curves
             self.alignment = self._by_measure(torch.stack(self.trace[-10:]).mean(0))
             self.alignment.update({f"{m}_curve": [[s, point[m]] for s, point in self.curve] for m in self.values})
@@ -1166,8 +1166,8 @@ class Run:
 
     def _smoke_report(self):
         """What a smoke run measured, logged and kept in results.json "smoke": each kind's seconds per step (the median
-        of its phases; each phase's last step) and peak memory, the checkpoint, the disk, and the full run's time
-        projected by the time-left estimate's method."""
+        of its phases; each phase's last step) and peak memory (what the allocator reserved: what another process
+        cannot have), the checkpoint, the disk, and the full run's time projected by the time-left estimate's method."""
         total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         if self.phases is None:  # the baselines: their one phase
             self.phases = self.seen
@@ -1176,7 +1176,7 @@ class Run:
                                   "peak_memory_bytes": self.peaks.get(kind)} for kind, rates in self.rates.items()}
         record["projected_seconds"] = self._left(-1, self.phases[0][0], 0)
         for kind, measured in record["kinds"].items():
-            memory = (f"{measured['peak_memory_bytes'] / 2**30:.2f} of {total / 2**30:.2f} GiB" if total else
+            memory = (f"{measured['peak_memory_bytes'] / 2**30:.2f} of {total / 2**30:.2f} GiB reserved" if total else
                       "n/a (CPU)")
             self.log_line(f"smoke: {kind} {measured['seconds_per_step'] * 1000:.1f} ms/step, peak memory {memory}")
         self.log_line(f"smoke: checkpoint {record.get('checkpoint_bytes', 0) / 1e6:.1f} MB written, read back and "

@@ -3,6 +3,7 @@ against its own records, the disk check."""
 import os
 import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -38,6 +39,30 @@ def test_a_smoke_run_takes_two_steps_of_each_phase_and_says_what_the_full_run_ne
     fastest = sum(n * min(smoke["kinds"][k]["phases"].values()) for k, n in (("align", 160), ("finetune", 400),
                                                                              ("train", 64)))
     assert smoke["projected_seconds"] >= fastest  # the steps at each kind's fastest, and the work between phases
+
+
+def test_a_smoke_runs_peak_memory_is_what_the_allocator_reserved(tmp_path, monkeypatch):
+    import torch
+    import torch.nn as nn
+
+    from toy import CLASSIFY, Stream, classification_batches
+
+    # A CUDA run as the smoke report sees it: the allocator's numbers given, the model and batches on the CPU.
+    gib = 2 ** 30
+    for name, value in (("reset_peak_memory_stats", None), ("max_memory_allocated", 1.5 * gib),
+                        ("max_memory_reserved", 2.25 * gib)):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, value=value: value)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * gib))
+    cfg = common.configure({}, [f"--out_dir={tmp_path}", "--preset=smoke", "--batch_size=8"])
+    task = common.Task(CLASSIFY.loss, CLASSIFY.inputs, lambda model: 0.0, "loss")
+    run = common.Run(cfg, common.Context(device=torch.device("cuda")), task, Stream(classification_batches(2)))
+    logs, model = [], nn.Linear(6, 3)
+    run.log_line = logs.append
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in run.steps("train", 4, model, opt, 0.1, 0):
+        run.log(loss=common.task_step(model, next(run.batches), opt, task, cfg))
+    run.finish(model)
+    assert "smoke: train" in logs[-4] and logs[-4].endswith("ms/step, peak memory 2.25 of 80.00 GiB reserved")
 
 
 def test_a_disk_too_small_stops_the_run_before_its_first_step(tmp_path, monkeypatch, capsys):
