@@ -31,7 +31,6 @@ if [ $cpu = 1 ]; then
   share=(--batch_size=16)
   seeds="1"
   steps=(--align_steps=2 --finetune_steps=1 --train_steps=4)  # every line, not a measurement
-  scale=1  # a timeout's multiple: two shared cores
 else
   export DEVICE=cuda
   bench=(--size=paper --repeats=3 --warmup=1)
@@ -39,11 +38,10 @@ else
   share=(--batch_size=32)
   seeds="1 2"
   steps=()
-  scale=1
 fi
 
 part() {  # part NAME TIMEOUT_S FUNCTION: the function in a process of its own, a summary row whatever it does
-  local name=$1 limit=$(( $2 * scale )) t0=$SECONDS rc
+  local name=$1 limit=$2 t0=$SECONDS rc
   echo "=== part $name"
   PART=$3 timeout "$limit" bash "$self" $([ $cpu = 1 ] && echo --cpu) "$out"
   rc=$?
@@ -68,13 +66,12 @@ rnn_part() {
 import os, statistics, time, torch, torch.nn.functional as F
 import common, gpt2_to_rnn
 device = torch.device(os.environ["DEVICE"])
-size = [] if device.type == "cuda" else ["--preset=tiny"]
+paper = device.type == "cuda"  # the paper's GPT-2 small; on the CPU the tiny preset's
 for dtype in ("float32", "bfloat16"):
-    cfg = common.configure(gpt2_to_rnn.SETTINGS, [*size, f"--rnn_dtype={dtype}"], gpt2_to_rnn.PRESETS)
-    guide = gpt2_to_rnn.load_guide("random", n_layer=cfg.n_layer, n_embd=cfg.n_embd) if size else \
-        gpt2_to_rnn.load_guide("random")
-    vocab = guide.cfg.vocab_size
-    x = torch.randint(vocab, (32 if size == [] else 4, 129 if size == [] else cfg.seq_len + 1), device=device)
+    cfg = common.configure(gpt2_to_rnn.SETTINGS, [*([] if paper else ["--preset=tiny"]), f"--rnn_dtype={dtype}"],
+                           gpt2_to_rnn.PRESETS)
+    guide = gpt2_to_rnn.load_guide("random", n_layer=cfg.n_layer, n_embd=cfg.n_embd)
+    x = torch.randint(guide.cfg.vocab_size, (32, 129) if paper else (4, cfg.seq_len + 1), device=device)
     model = common.swapped(guide, gpt2_to_rnn.make_stages(guide, x[:1, :-1].cpu(), cfg)).to(device).train()
     returned = []
     for m in model.modules():
@@ -82,20 +79,20 @@ for dtype in ("float32", "bfloat16"):
             m.register_forward_hook(lambda m, args, result: returned.append(result[0].dtype))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
-    for i in range(8 if device.type == "cuda" else 2):
-        if device.type == "cuda":
+    for i in range(8 if paper else 2):
+        if paper:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=paper):
             loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        if paper:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     assert set(returned) == {getattr(torch, dtype)}, (dtype, set(returned))
-    print(f"{'paper' if size == [] else 'tiny'}-size hybrid train step, rnn_dtype={dtype}: "
+    print(f"{'paper' if paper else 'tiny'}-size hybrid train step, rnn_dtype={dtype}: "
           f"{statistics.median(times[len(times) // 2:]) * 1e3:.1f} ms (batch {x.shape[0]} x {x.shape[1] - 1}), "
           f"the recurrence returns {returned[0]}")
 EOF
@@ -173,7 +170,6 @@ compile_part() {
 }
 
 peaks_part() {  # --preset=smoke is the run as configured: on the CPU each script's tiny sizes as flags
-  local tiny
   declare -A tiny=(
     [resnet18_to_mlp]="--rank=16 ${images[*]}" [resnet50_to_resnet18]="${images[*]}"
     [dinov2_to_patchmlp]="--embed_dim=128 --depth=4 --patch_size=8 --token_mlp_width=256 ${images[*]}"

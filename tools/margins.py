@@ -102,7 +102,8 @@ def main(argv):
         worst, best = (max, min) if below else (min, max)
         margin = entry.bound - worst(values) if below else worst(values) - entry.bound
         print(f"{name:32s} {entry.bound:7.4g} {worst(values):8.4g} {best(values):8.4g} "
-              f"{statistics.mean(values):8.4g} {margin:8.4g}  {len(values)}" + ("  (a run failed)" if name in failed else ""))
+              f"{statistics.mean(values):8.4g} {margin:8.4g}  {len(values)}"
+              + ("  (a run failed)" if name in failed else ""))
 
 
 if __name__ == "__main__":
