@@ -302,7 +302,7 @@ def align_step(guide, hybrid, stage, x, opt, cfg):
         if any(adds_offsets(out, compared) for compared in got):
             hybrid.get_submodule(name).bias.grad = None
     params = [p for group in opt.param_groups for p in group["params"]]
-    average_gradients(params)  # alignment has no DDP wrapper
+    reduce_gradients(params, mean=cfg.similarity_scope == "local")  # alignment has no DDP wrapper
     gradient_step(params, opt, cfg.grad_clip)
     return {measure: dict(zip(names, (m[measure].detach() for m in measured))) for measure in measured[0]}
 
@@ -770,8 +770,10 @@ def all_reduce_sum(tensor):
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward is this rank's slice of the summed gradient: every rank computes the
-    same loss of the whole batch, so the sum is world x the true gradient, which averaging divides out."""
+    """all_gather along dim 0. Every process computes the same loss of the gathered batch, so the gradient of that
+    loss with respect to this process's rows is its slice of the incoming gradient, with no communication; each
+    process's parameter gradient is then its rows' share, and their sum over processes (`reduce_gradients`) is the
+    whole batch's gradient."""
 
     @staticmethod
     def forward(ctx, x):
@@ -782,7 +784,6 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = all_reduce_sum(grad.contiguous())
         return grad[dist.get_rank() * ctx.n:(dist.get_rank() + 1) * ctx.n]
 
 
@@ -793,11 +794,14 @@ def gather_batch(x):
     return _GatherWithGrad.apply(x)
 
 
-def average_gradients(params):
-    """Average .grad over the processes: DDP's job, by hand where there is no DDP wrapper."""
+def reduce_gradients(params, mean):
+    """Sum .grad over the processes (each holds its rows' share of one loss of the gathered batch), or average it
+    (mean: each process's own loss, as DDP does); by hand where there is no DDP wrapper."""
     grads = [p.grad for p in params if p.grad is not None]
     if dist.is_initialized() and dist.get_world_size() > 1 and grads:
-        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / dist.get_world_size()
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        if mean:
+            flat /= dist.get_world_size()
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
 
@@ -1072,8 +1076,9 @@ class Run:
         trained = self.shard(copy.deepcopy(model)) if sharded else model
         wrapped = torch.compile(trained) if compile else trained
         if self.ctx.world > 1 and not sharded:
-            wrapped = nn.parallel.DistributedDataParallel(
-                wrapped, device_ids=[self.ctx.local_rank] if self.device.type == "cuda" else None)
+            wrapped = nn.parallel.DistributedDataParallel(  # gradients as views of DDP's buckets: no second copy
+                wrapped, device_ids=[self.ctx.local_rank] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
         self.sharded = trained if sharded else None
         yield wrapped
         broadcast_buffers(trained)  # DDP would send process 0's at its next forward; evaluation comes first

@@ -100,6 +100,9 @@ def test_generation_memory_per_sequence(report):
         assert target["memory_per_sequence_bytes"] == layers * 2 * width * 4  # two RNN layers' states per block
 
 
+BYTES_PER_PARAM_FLOOR = 16  # weights, gradients and AdamW's two moments are resident however they are laid out
+
+
 def test_scale_table_arithmetic(report):
     res, _ = report
     rows = res["scale"]
@@ -112,6 +115,9 @@ def test_scale_table_arithmetic(report):
     guide = torchvision.models.resnet18(num_classes=1000)
     stages = resnet18_to_mlp.make_stages(guide, torch.zeros(1, 3, 224, 224), SimpleNamespace(rank=2, order="forward"))
     assert bench.mlp_params(2) == sum(p.numel() for p in common.swapped(guide, stages).parameters())
+    # DDP's copied gradients cost about one float32 (4 bytes) a parameter more than bucket views.
+    measured = res["ddp_bytes_per_param"]
+    assert measured["bucket_view"] >= BYTES_PER_PARAM_FLOOR and measured["copied"] - measured["bucket_view"] > 2
 
 
 def test_cached_gpt2_step_matches_the_full_forward():

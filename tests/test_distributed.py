@@ -48,7 +48,7 @@ def worker(rank, init_method, world, scope, out):
     torch.set_num_threads(1)  # two processes share the machine's cores
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
-        (align if scope != "batchnorm" else recalibrate)(rank, world, scope, out)
+        {"batchnorm": recalibrate, "gather": gather_gradient}.get(scope, align)(rank, world, scope, out)
         dist.barrier()  # gloo may abort a process that leaves while the other still runs
     finally:
         dist.destroy_process_group()
@@ -82,6 +82,44 @@ def test_local_scope_is_a_different_statistic(tmp_path):
     local = run_two_processes(tmp_path, "local")
     # Per-process CKA of an 8-row slice is not the CKA of the 16-row batch.
     assert abs(one["cka"][0][0] - local["cka"][0][0]) > 1e-3
+
+
+def gather_gradient(rank, world, scope, out):
+    """The gradient of one CKA of the gathered batch with respect to this rank's rows (float64), and the collectives
+    its backward called."""
+    torch.manual_seed(3)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 7, dtype=torch.float64)
+    rows = slice(rank * 16 // world, (rank + 1) * 16 // world)
+    mine = x[rows].clone().requires_grad_()
+    loss = common.cka(common.gather_batch(mine), common.gather_batch(y[rows]), False)
+    called, originals = [], {name: getattr(dist, name) for name in (
+        "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "broadcast")}
+    for name, original in originals.items():
+        setattr(dist, name, lambda *a, _name=name, _original=original, **k: (called.append(_name), _original(*a, **k))[1])
+    try:
+        loss.backward()
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    result = {"grad": mine.grad, "collectives": called}
+    gathered = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, result)
+    else:
+        gathered = [result]
+    if rank == 0:
+        torch.save(gathered, out)
+
+
+def test_the_gathered_batchs_backward_is_this_processs_slice_with_no_communication(tmp_path):
+    one_path, two_path = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    gather_gradient(0, 1, "gather", one_path)
+    spawn_two(worker, (2, "gather", two_path), str(tmp_path))
+    (one,), two = torch.load(one_path), torch.load(two_path)
+    assert one["grad"].abs().max() > 1e-3
+    for rank, part in enumerate(two):
+        torch.testing.assert_close(part["grad"], one["grad"][rank * 8:(rank + 1) * 8], rtol=1e-12, atol=1e-14)
+        assert part["collectives"] == [], part["collectives"]  # every process already holds the same gradient
 
 
 def recalibrate(rank, world, scope, out):

@@ -20,7 +20,10 @@ Every timing is the median of `repeats` runs after `warmup` runs (CUDA synchroni
    the RNN its state; tokens per second, FLOPs per token and the cache or state bytes per sequence.
 5. scale: ResNet-18 -> MLP at 224 px, parameters and per-GPU training memory (float32 weights and
    gradients and AdamW's two moments: 16 bytes a parameter, before activations) by rank, DDP (a whole
-   copy per GPU) against sharded over 8 GPUs (resnet18_to_mlp.py --shard=True).
+   copy per GPU) against sharded over 8 GPUs (resnet18_to_mlp.py --shard=True). The 16 holds because
+   DDP's gradients are views of its buckets (gradient_as_bucket_view): ddp_bytes_per_param measures a
+   process's resident memory per parameter after two DDP steps with AdamW (two gloo processes, CPU,
+   33.6 M parameters), with and without it; the difference is the second copy of every gradient.
 
 --size=tiny takes each script's tiny preset, except that the two transformers get 12 blocks (their
 presets have 4 and 2) so that the early-exit ratio is about 12-block models; the images of the DINOv2
@@ -35,6 +38,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -42,6 +46,8 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -499,6 +505,37 @@ def scale_rows():
     return rows
 
 
+def _ddp_resident_bytes(rank, init_method, bucket_view, queue):
+    def resident():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    before = resident()
+    model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(32)])
+    ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+    opt = torch.optim.AdamW(model.parameters())
+    for _ in range(2):
+        ddp(torch.randn(2, 1024)).square().sum().backward()
+        opt.step()
+    if rank == 0:
+        queue.put((resident() - before) / num_params(model))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def ddp_bytes_per_param():
+    """Item 5's 16 bytes: a DDP process's resident bytes per parameter, gradients as bucket views or copied (Linux)."""
+    measured = {}
+    for bucket_view in (True, False):
+        queue = mp.get_context("spawn").SimpleQueue()
+        with tempfile.TemporaryDirectory() as folder:
+            mp.spawn(_ddp_resident_bytes, args=(f"file://{folder}/init", bucket_view, queue), nprocs=2)
+        measured["bucket_view" if bucket_view else "copied"] = queue.get()
+    return measured
+
+
 def main(argv):
     cfg = common.parse_flags(config, argv)
     for key, allowed in {"size": ("tiny", "paper"), "device": ("auto", "cuda", "cpu"),
@@ -558,6 +595,9 @@ def main(argv):
         del conv
     results["loader"] = loader_rows(bench, results)
     results["scale"] = scale_rows()
+    measured = results["ddp_bytes_per_param"] = ddp_bytes_per_param()
+    print(f"DDP with AdamW on CPU: {measured['bucket_view']:.1f} bytes/param resident with gradients as bucket views, "
+          f"{measured['copied']:.1f} copied (the difference: a second copy of every gradient)")
     print(f"resnet18_to_mlp at 224 px: training memory per GPU ({BYTES_PER_PARAM} bytes/param, before activations)")
     for row in results["scale"]:
         print(f"  rank {row['rank']:5} | {row['params'] / 1e9:.2f} B params | DDP "
