@@ -1137,8 +1137,10 @@ class Run:
         self.evals.append([self.grad_steps, final])
         self.log_line(f"final {self.task.metric} {final:.4f} after {self.grad_steps} gradient steps, "
                       f"{_clock(self.clock() - self.started)} elapsed")
-        if self.smoke and self.ctx.master:  # its disk numbers are process 0's, which alone writes
+        if self.smoke and self.ctx.master and self.rates:  # its disk numbers are process 0's, which alone writes
             self._smoke_report()
+        elif self.smoke and self.ctx.master:
+            self.log_line("smoke: no step ran (a finished run resumed); run it without --resume=True to measure")
         self._wandb({f"final/{self.task.metric}": final}, {f"final/{self.task.metric}": final})
         if self.wandb is not None:
             self.wandb.finish()

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ["bench", "rnn_dtype", "eval_dtype", "decode", "smoke", "compile", "peaks"]
 
 
-@pytest.mark.gpu_check  # 2.5 minutes: outside the default suite, which it would take past 10
+@pytest.mark.commands  # 2 minutes: with the paper commands, outside the suite (pytest.ini)
 def test_every_part_of_the_gpu_check_runs_on_the_cpu(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), "--cpu", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
