@@ -1434,7 +1434,11 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, root, train, image_size, interpolation, decode, ctx, seed=0):
         self.root, self.offsets, self.names, self.labels = root, *_scan_folder(root, ctx)
         self.train, self.size, self.decode, self.ctx, self.seed, self.seen = train, image_size, decode, ctx, seed, set()
-        self.interpolation, self.resize = interpolation, round(image_size * 256 / 224)
+        from torchvision.transforms import InterpolationMode
+
+        # the enum, not its name: torchvision 0.26's v2 functionals refuse a string (0.29 accepts either)
+        self.interpolation = InterpolationMode(interpolation)
+        self.resize = round(image_size * 256 / 224)
 
     def __len__(self):
         return len(self.labels)
@@ -1482,11 +1486,11 @@ class ImageFiles(torch.utils.data.Dataset):
         from PIL import Image
         from torchvision import transforms
 
-        mode = transforms.InterpolationMode(self.interpolation)
         if self.train:
-            steps = [transforms.RandomResizedCrop(self.size, interpolation=mode), transforms.RandomHorizontalFlip()]
+            steps = [transforms.RandomResizedCrop(self.size, interpolation=self.interpolation),
+                     transforms.RandomHorizontalFlip()]
         else:
-            steps = [transforms.Resize(self.resize, interpolation=mode), transforms.CenterCrop(self.size)]
+            steps = [transforms.Resize(self.resize, interpolation=self.interpolation), transforms.CenterCrop(self.size)]
         image = Image.open(io.BytesIO(data)).convert("RGB")
         return transforms.Compose(steps + [transforms.PILToTensor()])(image)
 
