@@ -7,6 +7,7 @@ Test-only packages: pytest, transformers (the independent GPT-2), openai-whisper
 import importlib.util
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -456,3 +457,26 @@ def test_the_other_similarities_and_linear_calibration_run_end_to_end(tmp_path, 
     monkeypatch.chdir(tmp_path)
     gpt2_to_rnn.main([*MINIMAL, flag, "--out_dir=out"])
     assert_other_similarity_run(tmp_path / "out", capsys.readouterr().out, flag, measure, STAGES)
+
+
+def test_a_run_trains_on_the_part_of_the_text_it_is_given(tmp_path):
+    from types import SimpleNamespace
+
+    data = write_text_folder(tmp_path / "text")
+    whole = byte_tokens(data / "wiki.train.raw")  # the folder's training text, one token per byte, read here
+
+    def train_tokens(part):
+        cfg = SimpleNamespace(data=str(data), tokenizer="bytes", tokenizer_file="", cache_dir=str(tmp_path / "cache"),
+                              seq_len=SEQ_LEN, train_part=part)
+        tokens = common.token_splits(cfg, common.Context())
+        return tokens["train"].tolist(), len(tokens["val"])
+
+    (guide, val), (conversion, val_too) = train_tokens("0:0.9"), train_tokens("0.9:1")
+    # the study's split: the guide's 90% and the conversion's 10% are disjoint, in order, and make up the whole
+    assert guide == whole[:round(0.9 * len(whole))] and conversion == whole[round(0.9 * len(whole)):]
+    assert train_tokens("0:1")[0] == whole and val == val_too > 0  # validation and test are never split
+    for bad in ("0.9", "0.5:0.5", "0.2:1.5", "a:b", "-0.1:1"):
+        with pytest.raises(common.ConfigError, match=rf"--train_part={re.escape(bad)}: expected A:B"):
+            train_tokens(bad)
+    with pytest.raises(common.ConfigError, match="the train split has 3 tokens"):  # a part too small for a window
+        train_tokens(f"0:{3 / len(whole)}")

@@ -6,6 +6,7 @@ arm for each seed as a process of its own, then Table 1 and Figure 1 of the grid
     python tools/study.py gpt2_to_rnn --data=/path/to/wikitext-2     # extra flags go to every run
     python tools/study.py all --device=cuda --parallel=8 --seeds=10  # a GPU: every grid, more seeds
 
+`gpt2_to_rnn_unseen` is GPT -> RNN in the paper's regime: its guide reads text its arms never see.
 A grid resumes: a run whose results.json says "done" is not run again, so a stopped grid continues where it was
 (its unfinished runs start over). Each run's log is its folder's log.txt. Runs go to OUT/<script>/<arm>-<seed>.
 """
@@ -26,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # equal steps) and the arms, each a list of flags after --preset=small ("{guide}" is the trained guide's file).
 # Why each setting is what it is: the presets' comments and docs/study.md.
 OWN_BUDGET = ["--method=guide", "--align_steps=0", "--finetune_steps=0"]
+UNSEEN = ["--train_part=0.9:1", "--train_steps=2400"]  # the conversion's tenth of the text, about 25 passes over it
 STUDIES = {
     "resnet18_to_mlp": dict(guide=[*OWN_BUDGET, "--epochs=20"], guide_file="guide.pt", arms={
         "not-trained": ["--guide={guide}"], "not-trained-reverse": ["--guide={guide}", "--order=reverse"],
@@ -47,6 +49,13 @@ STUDIES = {
         # alignment; the mixer without an output layer (as before it had one)
         "not-trained-linear": ["--guide={guide}", "--calibrate=linear"],
         "not-trained-none": ["--guide={guide}", "--rnn_output=none"]}),
+    # The paper's regime (docs/study.md, "GPT -> RNN on text the conversion never sees"): the guide trains on the
+    # first 90% of the training text, every arm on the last 10% alone, for more passes over it.
+    "gpt2_to_rnn_unseen": dict(script="gpt2_to_rnn", guide=[*OWN_BUDGET, "--train_steps=8000", "--lr=1e-3",
+                                                            "--warmup_steps=200", "--train_part=0:0.9"],
+                               guide_file="pytorch_model.bin", arms={
+        "not-trained": ["--guide={guide}", *UNSEEN], "not-untrained": UNSEEN, "naive": ["--method=naive", *UNSEEN],
+        "ablation-not-trained-linear": ["--guide={guide}", "--calibrate=linear", *UNSEEN]}),
     "resnet50_to_resnet18": dict(guide=[*OWN_BUDGET, "--epochs=20"], guide_file="guide.pt", arms={
         "not-trained": ["--guide={guide}"], "not-untrained": [], "scratch": ["--method=scratch"],
         # an ablation, not an arm of Table 1: a plain ResNet-18 given only NoT's final-training steps, for what
@@ -87,10 +96,12 @@ def run(script, args, out_dir, threads):
     return time.time() - t0
 
 
-def grid(script, cfg, extra):
-    study, folder = STUDIES[script], os.path.join(cfg["out"], script)
+def grid(name, cfg, extra):
+    """The study `name` (a key of STUDIES): its guide, then its arms; its runs in OUT/name/."""
+    study, folder = STUDIES[name], os.path.join(cfg["out"], name)
+    script = study.get("script", name)
     wanted = [a for a in study["arms"] if not cfg["arms"] or a in cfg["arms"].split(",")]
-    print(f"{script}: guide, then {len(wanted)} arms x {cfg['seeds']} seeds, {cfg['parallel']} at a time", flush=True)
+    print(f"{name}: guide, then {len(wanted)} arms x {cfg['seeds']} seeds, {cfg['parallel']} at a time", flush=True)
     guide_dir = os.path.join(folder, "guide")
     seconds = run(script, [*study["guide"], "--guide=random", f"--device={cfg['device']}", *extra], guide_dir,
                   cfg["threads"] * cfg["parallel"])
