@@ -443,6 +443,40 @@ def calibration(guide, hybrid, stage, batches, n, inputs, device, dtype="float32
         _fold(linear, a, mean[c:] - a @ mean[:c])
 
 
+@torch.no_grad()
+def readout(guide, hybrid, stage, batches, n, inputs, device, dtype="float32"):
+    """Refit each compared new module's last Linear by least squares on n batches: its weight and bias become
+    argmin_{W, b} sum_i |W z_i + b - g_i|^2 (a small ridge), z_i the Linear's input and g_i the guide's output at
+    the compared place, in the Linear's rows (an example's whole flattened map, or a token). CKA leaves a rotation of
+    the module's output free, and the frozen layers downstream read the guide's basis; `calibration`'s linear map,
+    shared by every position of a map, cannot undo a rotation that mixes positions. The module's output must be that
+    Linear's output, reshaped."""
+    for guide_name, hybrid_name in stage.compare:
+        linear, seen, sums = last_linear(hybrid, hybrid_name), [], 0
+        hook = linear.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+        try:
+            for _ in range(n):
+                x = inputs(next(batches)).to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    wanted, got = forward_until(guide, x, [guide_name]) + forward_until(hybrid, x, [hybrid_name])
+                z, out = seen.pop()
+                if got.numel() != out.numel() or not torch.equal(got.reshape(out.shape), out):
+                    raise ConfigError(f"--calibrate=readout: {hybrid_name!r}'s output is not its last Linear's")
+                z = torch.cat([torch.ones_like(z[..., :1]), z], -1).reshape(-1, linear.in_features + 1).double()
+                sums = sums + z.T @ torch.cat([z, wanted.reshape(z.shape[0], -1).double()], 1)  # [1 z]^T [1 z g]
+        finally:
+            hook.remove()
+        sums = all_reduce_sum(sums)  # over all processes
+        k = linear.in_features + 1
+        gram = sums[:, :k] + 1e-9 * sums[1:, 1:k].diagonal().mean() / sums[0, 0] * torch.eye(k, dtype=sums.dtype,
+                                                                                            device=sums.device)
+        solution = torch.linalg.solve(gram, sums[:, k:])  # [b; W^T]
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros_like(linear.weight[:, 0]))
+        linear.weight.copy_(solution[1:].T)
+        linear.bias.copy_(solution[0])
+
+
 # =============================================================================
 # 4. config
 
@@ -474,8 +508,9 @@ SETTINGS = dict(
     # from 22% to 81% of the guide at laptop scale; at batch 256 that is 5,120 images, 800 forward passes a run
     calibrate="auto",  # after each alignment, fold into the new module the affine map of its channels that brings its
     # output to the guide's (the similarity leaves it free): "on" (each channel's scale and offset), "linear" (the
-    # least-squares map over all channels: rotation too), "off", or "auto": "on" when finetune_steps=0 and the
-    # module has a Linear to fold into (nothing else repairs the scale then)
+    # least-squares map over all channels: rotation too), "readout" (the module's last Linear refitted by least
+    # squares onto the guide's output: every feature of a flattened map), "off", or "auto": "on" when
+    # finetune_steps=0 and the module has a Linear to fold into (nothing else repairs the scale then)
     similarity="cka",  # what alignment maximizes: "cka" (linear CKA, Table 1's), "dmnn" (differentiable mutual
     # nearest neighbours, Figure 1's second curve; README's decisions say how it is defined), "rsa" (cosine RSA)
     similarity_scope="global",  # "global": the similarity of the batch of all processes; "local": of each one's slice
@@ -521,7 +556,8 @@ def non_negative(value):
 
 
 # Each setting's allowed values, or a function saying what is wrong with a value ("" if nothing).
-CHECKS = dict(method=("not", "naive", "guide"), order=("forward", "reverse"), calibrate=("auto", "on", "linear", "off"),
+CHECKS = dict(method=("not", "naive", "guide"), order=("forward", "reverse"),
+              calibrate=("auto", "on", "linear", "readout", "off"),
               similarity=SIMILARITIES, similarity_scope=("global", "local"), optimizer=("adamw", "sgd"),
               device=("auto", "cuda", "cpu"), dtype=("bfloat16", "float32"), tokenizer=("gpt2", "bytes"),
               batch_size=positive, log_interval=positive, ckpt_interval=positive, image_size=positive,
@@ -1047,7 +1083,7 @@ class Run:
             self.record(stage, bn_recal_batches=self.cfg.bn_recal_batches if layers else 0)
 
     def calibration_fit(self, hybrid, stage):
-        """How stage's modules are calibrated ("on", "linear" or "off"), decided before their alignment: "auto" is
+        """How stage's modules are calibrated ("on", "linear", "readout" or "off"), decided before their alignment: "auto" is
         "on" where finetune_steps=0 (nothing else repairs the scale) and the modules have a Linear to fold it into;
         asked for explicitly, a module without one stops the run here."""
         fit = self.cfg.calibrate if self.cfg.calibrate != "auto" else "on" if not self.cfg.finetune_steps else "off"
@@ -1063,8 +1099,12 @@ class Run:
     def calibrate(self, guide, hybrid, stage, i):
         fit = self.calibration_fit(hybrid, stage)
         if self.saved is None and fit != "off":
-            calibration(guide, hybrid.eval(), stage, self.batches, self._batches(max(self.cfg.bn_recal_batches, 1)),
-                        self.task.inputs, self.device, self.cfg.dtype, fit)
+            args = (guide, hybrid.eval(), stage, self.batches, self._batches(max(self.cfg.bn_recal_batches, 1)),
+                    self.task.inputs, self.device, self.cfg.dtype)
+            if fit == "readout":
+                readout(*args)
+            else:
+                calibration(*args, fit)
             self.record(i, calibrated=fit)
 
     @contextlib.contextmanager

@@ -74,14 +74,14 @@ def steps_logged(log):
 
 
 def assert_other_similarity_run(out_dir, log, flag, measure, stages):
-    """A run with --similarity=dmnn|rsa or --calibrate=linear: done, every stage records its one place's measure and
+    """A run with --similarity=dmnn|rsa or --calibrate=linear|readout: done, every stage records its one place's measure and
     curve under that measure's name (D-MNN runs also the hard mutual k-NN), and the log names it."""
     res = read_results(out_dir)
     assert res["status"] == "done" and len(res["stages"]) == stages
     for stage in res["stages"]:
         assert len(stage[measure]) == len(stage[f"{measure}_curve"][-1][1]) == 1
         assert ("mutual_knn" in stage) == (measure == "dmnn") and stage.get("calibrated") == (
-            "linear" if flag == "--calibrate=linear" else None)
+            flag.split("=")[1] if flag.startswith("--calibrate=") else None)
     assert f"| {measure} " in log and ("| mutual_knn " in log) == (measure == "dmnn")
 
 

@@ -307,3 +307,49 @@ def test_linear_calibration_of_a_feature_map_is_one_map_at_every_position():
     with torch.no_grad():
         folded = torch.cat([hybrid[0](x) for x in batches]).double()
     torch.testing.assert_close(folded, least_squares(got, wanted), rtol=1e-4, atol=1e-4)
+
+
+def test_the_readout_refits_the_last_linear_to_the_least_squares_prediction_of_the_guides_output():
+    guide = conv_net()
+    guide(torch.zeros(1, 3, 8, 8))
+    hybrid = copy.deepcopy(guide)
+    hybrid[0] = LowRank()
+    batches = images(8, seed=5)  # 40 maps, more than the bottleneck's 16 + 1 unknowns per feature
+    with torch.no_grad():
+        bottleneck = torch.cat([hybrid[0].down(x.flatten(1)) for x in batches]).double()
+        wanted = torch.cat([guide[0](x) for x in batches]).double().flatten(1)
+    stage = common.Stage(swap=None, compare=[("0", "0")], train=["0"])
+    down = hybrid[0].down.weight.clone()
+    common.readout(guide.eval(), hybrid.eval(), stage, Stream(batches), 8, lambda x: x, torch.device("cpu"))
+    with torch.no_grad():
+        fitted = torch.cat([hybrid[0](x) for x in batches]).double().flatten(1)
+    # The textbook solve: every feature of the flattened map (all channels at all positions) regressed on [1, z].
+    design = torch.cat([torch.ones(len(bottleneck), 1, dtype=torch.float64), bottleneck], 1)
+    expected = design @ torch.linalg.lstsq(design, wanted).solution
+    torch.testing.assert_close(fitted, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(hybrid[0].down.weight, down)  # only the Linear the guide's output is read from moves
+    # A per-position channel map (calibrate=linear) is a different, worse fit: the readout mixes positions.
+    shared = copy.deepcopy(guide)
+    shared[0] = LowRank()
+    common.calibration(guide, shared.eval(), stage, Stream(batches), 8, lambda x: x, torch.device("cpu"),
+                       fit="linear")
+    with torch.no_grad():
+        mapped = torch.cat([shared[0](x) for x in batches]).double().flatten(1)
+    assert (mapped - wanted).square().sum() > 1.5 * (fitted - wanted).square().sum()
+
+
+def test_the_readout_leaves_an_aligned_module_as_it_is_and_refuses_one_not_ending_in_its_linear():
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(40, 6, generator=g) for _ in range(3)]
+    torch.manual_seed(0)
+    guide = nn.Sequential(nn.Linear(6, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)), nn.ReLU(),
+                          nn.Linear(8, 3)).eval()
+    same, before = copy.deepcopy(guide), copy.deepcopy(guide[1].state_dict())
+    stage = common.Stage(swap=None, compare=[("1", "1")], train=["1"])
+    common.readout(guide, same, stage, Stream(batches), 3, lambda x: x, torch.device("cpu"))
+    for key, value in same[1].state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=1e-4, atol=1e-5)
+    after_relu = copy.deepcopy(guide)
+    after_relu[1].append(nn.ReLU())
+    with pytest.raises(SystemExit, match=r"--calibrate=readout: '1''s output is not its last Linear's"):
+        common.readout(guide, after_relu, stage, Stream(batches), 1, lambda x: x, torch.device("cpu"))

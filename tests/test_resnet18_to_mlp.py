@@ -245,7 +245,7 @@ STAGES = 20
 
 
 @pytest.mark.parametrize("flag, measure", [("--similarity=dmnn", "dmnn"), ("--similarity=rsa", "rsa"),
-                                           ("--calibrate=linear", "cka")])
+                                           ("--calibrate=linear", "cka"), ("--calibrate=readout", "cka")])
 def test_the_other_similarities_and_linear_calibration_run_end_to_end(tmp_path, monkeypatch, capsys, flag, measure):
     monkeypatch.chdir(tmp_path)
     resnet18_to_mlp.main([*MINIMAL, flag, "--out_dir=out"])
