@@ -32,7 +32,9 @@ STUDIES = {
     "resnet18_to_mlp": dict(guide=[*OWN_BUDGET, "--epochs=20"], guide_file="guide.pt", arms={
         "not-trained": ["--guide={guide}"], "not-trained-reverse": ["--guide={guide}", "--order=reverse"],
         "not-untrained": [], "naive": ["--method=naive"],
-        "not-trained-dmnn": ["--guide={guide}", "--similarity=dmnn"]}),  # Figure 1's second similarity
+        "not-trained-dmnn": ["--guide={guide}", "--similarity=dmnn"],  # Figure 1's second similarity
+        # the readout ablation (docs/study.md): the last Linear refitted by least squares after each alignment
+        "ablation-readout": ["--guide={guide}", "--calibrate=readout"]}),
     "dinov2_to_patchmlp": dict(guide=[*OWN_BUDGET, "--epochs=40"], guide_file="guide.pt", arms={
         "not-trained": ["--guide={guide}"], "not-trained-reverse": ["--guide={guide}", "--order=reverse"],
         "not-untrained": [], "naive": ["--method=naive"],
