@@ -1083,9 +1083,9 @@ class Run:
             self.record(stage, bn_recal_batches=self.cfg.bn_recal_batches if layers else 0)
 
     def calibration_fit(self, hybrid, stage):
-        """How stage's modules are calibrated ("on", "linear", "readout" or "off"), decided before their alignment: "auto" is
-        "on" where finetune_steps=0 (nothing else repairs the scale) and the modules have a Linear to fold it into;
-        asked for explicitly, a module without one stops the run here."""
+        """How stage's modules are calibrated ("on", "linear", "readout" or "off"), decided before their alignment:
+        "auto" is "on" where finetune_steps=0 (nothing else repairs the scale) and the modules have a Linear to fold
+        it into; asked for explicitly, a module without one stops the run here."""
         fit = self.cfg.calibrate if self.cfg.calibrate != "auto" else "on" if not self.cfg.finetune_steps else "off"
         try:
             for _, name in stage.compare if fit != "off" else []:
@@ -1177,10 +1177,11 @@ class Run:
         self.evals.append([self.grad_steps, final])
         self.log_line(f"final {self.task.metric} {final:.4f} after {self.grad_steps} gradient steps, "
                       f"{_clock(self.clock() - self.started)} elapsed")
-        if self.smoke and self.ctx.master and self.rates:  # its disk numbers are process 0's, which alone writes
-            self._smoke_report()
-        elif self.smoke and self.ctx.master:
-            self.log_line("smoke: no step ran (a finished run resumed); run it without --resume=True to measure")
+        if self.smoke and self.ctx.master:  # its disk numbers are process 0's, which alone writes
+            if self.rates:
+                self._smoke_report()
+            else:
+                self.log_line("smoke: no step ran (a finished run resumed); run it without --resume=True to measure")
         self._wandb({f"final/{self.task.metric}": final}, {f"final/{self.task.metric}": final})
         if self.wandb is not None:
             self.wandb.finish()
@@ -1922,9 +1923,10 @@ def token_splits(cfg, ctx):
         dist.barrier()
     tokens = {s: np.memmap(paths[s], dtype=np.uint16, mode="r") for s in SPLITS}
     n = len(tokens["train"])
-    tokens["train"] = tokens["train"][round(part[0] * n):round(part[1] * n)]
+    start, stop = round(part[0] * n), round(part[1] * n)
+    tokens["train"] = tokens["train"][start:stop]
     if part != (0, 1):
-        ctx.log(f"training on tokens {round(part[0] * n)}-{round(part[1] * n)} of the {n} (--train_part={cfg.train_part})")
+        ctx.log(f"training on tokens {start}-{stop} of the {n} (--train_part={cfg.train_part})")
     for split, t in tokens.items():
         if len(t) < cfg.seq_len + 1:
             raise ConfigError(f"the {split} split has {len(t)} tokens, fewer than one window of seq_len + 1 = "

@@ -84,6 +84,17 @@ def test_local_scope_is_a_different_statistic(tmp_path):
     assert abs(one["cka"][0][0] - local["cka"][0][0]) > 1e-3
 
 
+def save_every_process(result, rank, world, out):
+    """Process 0 saves the list of every process's result (one process: a list of its own)."""
+    gathered = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, result)
+    else:
+        gathered = [result]
+    if rank == 0:
+        torch.save(gathered, out)
+
+
 def gather_gradient(rank, world, scope, out):
     """The gradient of one CKA of the gathered batch with respect to this rank's rows (float64), and the collectives
     its backward called."""
@@ -95,20 +106,17 @@ def gather_gradient(rank, world, scope, out):
     called, originals = [], {name: getattr(dist, name) for name in (
         "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "broadcast")}
     for name, original in originals.items():
-        setattr(dist, name, lambda *a, _name=name, _original=original, **k: (called.append(_name), _original(*a, **k))[1])
+        def counted(*args, _name=name, _original=original, **kwargs):
+            called.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
     try:
         loss.backward()
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
-    result = {"grad": mine.grad, "collectives": called}
-    gathered = [None] * world
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, result)
-    else:
-        gathered = [result]
-    if rank == 0:
-        torch.save(gathered, out)
+    save_every_process({"grad": mine.grad, "collectives": called}, rank, world, out)
 
 
 def test_the_gathered_batchs_backward_is_this_processs_slice_with_no_communication(tmp_path):
@@ -130,14 +138,7 @@ def recalibrate(rank, world, scope, out):
     batches = [torch.randn(6, 5, generator=g) * 3 * (k + 1) for k in range(4)]
     mine = iter(batches[rank::world])
     common.batchnorm_statistics(model, mine, 4 // world, lambda x: x, torch.device("cpu"))
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    gathered = [None] * world
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, buffers)
-    else:
-        gathered = [buffers]
-    if rank == 0:
-        torch.save(gathered, out)
+    save_every_process({k: v.clone() for k, v in model.state_dict().items() if "running" in k}, rank, world, out)
 
 
 def test_batchnorm_statistics_of_two_processes_equal_one(tmp_path):
